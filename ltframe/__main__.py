@@ -1,0 +1,3 @@
+from ltframe.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""Everything a run needs from its data: images, the long-tailed splits, class counts.
+
+Unlabeled samples keep their true labels in `hidden_unlabeled_labels`, for pseudo-label
+diagnostics only: the engine never hands them to a component.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ltframe.data.longtail import Splits, class_counts, make_splits
+from ltframe.data.sources import FileImages, Images, SourceData
+from ltframe.engine.checkpoint import atomic_write_json, atomic_write_text
+from ltframe.errors import DataError
+
+
+class ImageStore:
+    """uint8 images by index, delivered on `device` (kept there when they fit)."""
+
+    def __init__(self, images: Images, device: torch.device, on_device: bool, workers: int = 4):
+        self.files = images if isinstance(images, FileImages) else None
+        self.pool = ThreadPoolExecutor(max(1, workers)) if self.files else None
+        self.device = device
+        if self.files is None:
+            assert isinstance(images, Tensor)
+            self.images = images.to(device) if on_device else images
+            if device.type == "cuda" and not on_device:
+                self.images = self.images.pin_memory()
+
+    def __len__(self) -> int:
+        return len(self.files) if self.files is not None else self.images.shape[0]
+
+    def get(self, idx: Tensor) -> Tensor:
+        if self.files is not None:
+            assert self.pool is not None
+            batch = torch.stack(list(self.pool.map(self.files.load, idx.tolist())))
+            return batch.to(self.device, non_blocking=True)
+        if self.images.device == self.device:
+            return self.images[idx.to(self.device, non_blocking=True)]
+        return self.images[idx].to(self.device, non_blocking=True)
+
+
+@dataclass
+class DataBundle:
+    source: SourceData
+    splits: Splits
+    train: ImageStore
+    test: ImageStore
+    test_labels: Tensor
+    val: ImageStore | None
+    val_index: Tensor | None  # indices into `val` (the train store when val is carved from it)
+    val_labels: Tensor | None
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def labeled_labels(self) -> Tensor:
+        return self.source.train_labels[self.splits.labeled]
+
+    @property
+    def labeled_counts(self) -> Tensor:
+        return class_counts(self.labeled_labels, self.num_classes)
+
+    @property
+    def hidden_unlabeled_labels(self) -> Tensor:
+        """True labels of the unlabeled set: diagnostics only, never for training."""
+        return self.source.train_labels[self.splits.unlabeled]
+
+
+def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
+                 smoke: bool = False) -> DataBundle:
+    """Make the splits of `source` described by the recipe's [data] table `cfg`."""
+    labels = source.train_labels
+    separate_val = source.val_labels is not None
+    splits = make_splits(labels, source.num_classes, cfg.longtail, cfg.split,
+                         0 if separate_val else cfg.val_per_class, seed, strict=not smoke)
+    test_x, test_y = source.test_images, source.test_labels
+    if smoke:  # a small balanced slice of the test set
+        keep = torch.cat([(test_y == c).nonzero().flatten()[:8] for c in range(source.num_classes)])
+        test_x = test_x[keep] if isinstance(test_x, Tensor) else FileImages(
+            [test_x.paths[i] for i in keep.tolist()], test_x.size)
+        test_y = test_y[keep]
+    on_dev = device.type == "cuda" and cfg.on_device != "no"
+    store = ImageStore(source.train_images, device, on_dev, cfg.workers)
+    if separate_val:
+        val = ImageStore(source.val_images, device, on_dev, cfg.workers)
+        val_labels = source.val_labels
+        val_index = torch.arange(val_labels.numel())
+    elif splits.val.numel():
+        val, val_index, val_labels = store, splits.val, labels[splits.val]
+    else:
+        val, val_index, val_labels = None, None, None
+    return DataBundle(source, splits, store, ImageStore(test_x, device, on_dev, cfg.workers),
+                      test_y, val, val_index, val_labels)
+
+
+def save_splits(bundle: DataBundle, run_dir: Path) -> None:
+    """splits/{labeled,unlabeled,val}.txt (train-set indices) and splits/counts.json."""
+    d = run_dir / "splits"
+    for name in ("labeled", "unlabeled", "val"):
+        idx: Tensor = getattr(bundle.splits, name)
+        atomic_write_text(d / f"{name}.txt", "".join(f"{i}\n" for i in idx.tolist()))
+    src = bundle.source
+    atomic_write_json(d / "counts.json", {
+        "classes": src.classes,
+        "labeled": bundle.labeled_counts.tolist(),
+        "unlabeled": class_counts(bundle.hidden_unlabeled_labels, bundle.num_classes).tolist(),
+        "val": class_counts(src.train_labels[bundle.splits.val], bundle.num_classes).tolist(),
+        "test": class_counts(bundle.test_labels, bundle.num_classes).tolist(),
+    })
+
+
+def check_splits(bundle: DataBundle, run_dir: Path) -> None:
+    """On resume: the recomputed splits must equal the saved ones."""
+    d = run_dir / "splits"
+    for name in ("labeled", "unlabeled", "val"):
+        f = d / f"{name}.txt"
+        if not f.is_file():
+            raise DataError(f"{f} is missing; the run directory is incomplete")
+        saved = [int(x) for x in f.read_text().split()]
+        if saved != getattr(bundle.splits, name).tolist():
+            raise DataError(f"the {name} split differs from {f}: the data or its options "
+                            "changed since the run started; resume with the same data")
+    json.loads((d / "counts.json").read_text())

@@ -1,0 +1,203 @@
+"""Data sources: every source yields uint8 NCHW images (in memory or as files) and labels."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ltframe.errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class FileImages:
+    """Images kept on disk; decoded (and resized to `size`) on demand by index."""
+
+    def __init__(self, paths: list[str], size: int) -> None:
+        self.paths = paths
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Tensor:
+        return decode_image(self.paths[index], self.size)
+
+
+Images = Tensor | FileImages
+
+
+@dataclass
+class SourceData:
+    """What a source returns. Images are uint8 [N, 3, H, W] tensors or FileImages."""
+
+    train_images: Images
+    train_labels: Tensor
+    test_images: Images
+    test_labels: Tensor
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    val_images: Images | None = None
+    val_labels: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def decode_image(path: str, size: int | None) -> Tensor:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if size and img.size != (size, size):
+                img = _resize_center_crop(img, size)
+            data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+            return data.view(img.size[1], img.size[0], 3).permute(2, 0, 1).contiguous()
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def _resize_center_crop(img, size: int):
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))))
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def stack_images(paths: list[str], size: int | None) -> Tensor:
+    """Decode all `paths` into one uint8 tensor (all images must share a size)."""
+    if not paths:
+        return torch.zeros(0, 3, size or 32, size or 32, dtype=torch.uint8)
+    first = decode_image(paths[0], size)
+    out = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
+    out[0] = first
+    for i, p in enumerate(paths[1:], start=1):
+        img = decode_image(p, size)
+        if img.shape != first.shape:
+            raise DataError(
+                f"image {p} is {tuple(img.shape[1:])} but {paths[0]} is {tuple(first.shape[1:])}; "
+                "set the source's image_size to resize them to one size"
+            )
+        out[i] = img
+    return out
+
+
+def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Tensor, list[str]]:
+    """root/<class>/<image> -> (paths, labels, classes); classes sorted unless given."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; check the source's root")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = classes or found
+    missing = [c for c in classes if c not in found]
+    if missing:
+        raise DataError(f"{root}: class folders missing: {', '.join(missing[:5])}")
+    paths, labels = [], []
+    for idx, cls in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / cls)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(idx)
+    if not paths:
+        raise DataError(f"{root}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
+    return paths, torch.tensor(labels, dtype=torch.long), classes
+
+
+def load_images(paths: list[str], size: int | None, in_memory: bool | None) -> Images:
+    """Decode into memory when asked, or automatically when the set is small (< 2 GB)."""
+    if in_memory is None:
+        in_memory = len(paths) * 3 * (size or 64) ** 2 < 2e9 if size else len(paths) <= 200_000
+    return stack_images(paths, size) if in_memory else FileImages(paths, size or 224)
+
+
+# --- CIFAR ---------------------------------------------------------------------------------
+def load_cifar(root: str, num_classes: int, download: bool) -> SourceData:
+    """CIFAR-10/100 from torchvision's pickles or from a train/<class>/ test/<class>/ export."""
+    base = Path(root).expanduser()
+    stats = CIFAR10_STATS if num_classes == 10 else CIFAR100_STATS
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        classes = CIFAR10_CLASSES if num_classes == 10 else None
+        tr_paths, tr_labels, classes = scan_class_folders(base / "train", classes)
+        te_paths, te_labels, _ = scan_class_folders(base / "test", classes)
+        if len(classes) != num_classes:
+            raise DataError(f"{base}: found {len(classes)} class folders, expected {num_classes}")
+        return SourceData(stack_images(tr_paths, 32), tr_labels, stack_images(te_paths, 32),
+                          te_labels, list(classes), *stats, info={"layout": "image folders"})
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100
+    try:
+        train = cls(str(base), train=True, download=download)
+        test = cls(str(base), train=False, download=download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"no CIFAR-{num_classes} found at '{base}' ({exc.args[0].split('.')[0]}); expected "
+            f"torchvision's {cls.base_folder}/ or train/<class>/ and test/<class>/ image folders. "
+            "Set data.source.root (e.g. --set data.source.root=PATH) or download = true"
+        ) from None
+
+    def to_tensor(ds) -> tuple[Tensor, Tensor]:
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        return x, torch.tensor(ds.targets, dtype=torch.long)
+
+    x_tr, y_tr = to_tensor(train)
+    x_te, y_te = to_tensor(test)
+    return SourceData(x_tr, y_tr, x_te, y_te, list(train.classes), *stats,
+                      info={"layout": "torchvision"})
+
+
+# --- synthetic -----------------------------------------------------------------------------
+def make_synthetic(
+    num_classes: int, train_per_class: int, test_per_class: int, image_size: int,
+    noise: float, seed: int,
+) -> SourceData:
+    """Procedural, learnable images: each class is a colour/orientation/frequency pattern.
+
+    A class prototype is a sum of two oriented sinusoidal gratings with class-specific colours;
+    each sample adds a random phase shift, contrast jitter and pixel noise, so the task needs
+    real features (not a single pixel) and is still learnable in seconds on a CPU.
+    """
+    g = torch.Generator().manual_seed(seed)
+    c = num_classes
+    angles = torch.rand(c, 2, generator=g) * math.pi
+    freqs = 1.5 + torch.rand(c, 2, generator=g) * 3.0
+    colors = torch.rand(c, 2, 3, generator=g) * 2 - 1
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, image_size), torch.linspace(0, 1, image_size),
+                            indexing="ij")
+
+    def render(n_per_class: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(c).repeat_interleave(n_per_class)
+        n = labels.numel()
+        a, f, col = angles[labels], freqs[labels], colors[labels]  # [n,2], [n,2], [n,2,3]
+        phase = torch.rand(n, 2, generator=gen) * 2 * math.pi
+        proj = (xx[None, None] * torch.cos(a)[..., None, None]
+                + yy[None, None] * torch.sin(a)[..., None, None])  # [n,2,H,W]
+        waves = torch.sin(2 * math.pi * f[..., None, None] * proj + phase[..., None, None])
+        img = (waves[:, :, None] * col[..., None, None]).sum(1)  # [n,3,H,W]
+        img = img * (0.6 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen))
+        img = img + noise * torch.randn(img.shape, generator=gen)
+        x = ((img.clamp(-2, 2) + 2) / 4 * 255).round().to(torch.uint8)
+        return x, labels
+
+    x_tr, y_tr = render(train_per_class, g)
+    x_te, y_te = render(test_per_class, g)
+    mean = tuple(x_tr.float().mean((0, 2, 3)).div(255).tolist())
+    std = tuple(x_tr.float().std((0, 2, 3)).div(255).clamp_min(1e-3).tolist())
+    return SourceData(x_tr, y_tr, x_te, y_te, [f"class{i}" for i in range(c)], mean, std,
+                      info={"layout": "synthetic"})

@@ -1,0 +1,169 @@
+"""A run: recipe + plugins + data + model + run directory; start, resume and evaluate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltframe.data.bundle import DataBundle, check_splits, save_splits
+from ltframe.engine import checkpoint as ckpt
+from ltframe.engine.report import Reporter
+from ltframe.engine.setup import (
+    build_data,
+    build_model,
+    new_run_dir,
+    pick_device,
+    read_run_meta,
+    write_run_files,
+)
+from ltframe.engine.trainer import Trainer
+from ltframe.errors import LtframeError
+from ltframe.models import LTModel
+from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
+from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
+from ltframe.registry import Registry
+
+
+@dataclass
+class Run:
+    """Handed to every event hook as `run`."""
+
+    recipe: Recipe
+    pm: PluginManager
+    registry: Registry
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    model: LTModel
+    smoke: bool = False
+
+
+def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Path,
+             smoke: bool) -> Run:
+    device = pick_device(recipe.run.device)
+    torch.manual_seed(recipe.run.seed)
+    data = build_data(recipe, registry, device, smoke)
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe, registry, data.num_classes).to(device)
+    if device.type == "cuda" and recipe.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return Run(recipe, pm, registry, run_dir, device, data, model, smoke)
+
+
+def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> dict:
+    trainer = Trainer(run, reporter)
+    scheduler = run.registry.build(run.recipe.scheduler, stages=_plans_source(run.recipe))
+    partial = None
+    if resume is not None:
+        tensors, meta = resume
+        trainer.restore(tensors, meta)
+        if int(meta["step"]) > 0:
+            partial = resume
+    run.pm.hook.ltframe_run_start(run=run)
+    t0 = time.perf_counter()
+    while (plan := scheduler.next_stage(trainer.history)) is not None:
+        trainer.run_stage(plan, partial)
+        partial = None
+    if not trainer.history:
+        raise LtframeError("the stage scheduler produced no stage; add a [[stage]] table")
+    final = trainer.history[-1]
+    summary = {
+        **{k: v for k, v in final.items() if k not in ("stage", "index", "steps")},
+        "stages": trainer.history,
+        "classes": run.data.source.classes,
+        "labeled_counts": run.data.labeled_counts.tolist(),
+        "images_per_s": trainer.images_per_s,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "run_dir": str(run.run_dir),
+        "smoke": run.smoke,
+    }
+    ckpt.atomic_write_json(run.run_dir / "summary.json", summary)
+    run.pm.hook.ltframe_run_end(run=run, summary=summary)
+    return summary
+
+
+def _plans_source(recipe: Recipe) -> list[tuple[Any, Any]]:
+    return list(zip(recipe.stages, recipe.stage_optims, strict=True))
+
+
+def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None = None, *,
+              recipe: Recipe | None = None, out_dir: str | Path | None = None,
+              smoke: bool = False, block: list[str] | None = None,
+              plugins: list[tuple[str, object]] | None = None,
+              reporter: Reporter | None = None) -> dict:
+    """Start a new run from a recipe file (or Recipe); returns the summary dict."""
+    pm, registry = make_plugin_manager(block or [])
+    for name, plugin in plugins or []:
+        from ltframe.plugins import register_plugin
+
+        register_plugin(pm, registry, plugin, name)
+    if recipe is None:
+        if recipe_path is None:
+            raise LtframeError("start_run needs a recipe path or a Recipe")
+        recipe = load_recipe(recipe_path, registry, overrides)
+    run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
+    reporter = reporter or Reporter()
+    reporter.message(f"run directory: {run_dir}")
+    run = _prepare(recipe, pm, registry, run_dir, smoke)
+    write_run_files(run_dir, recipe, plugin_versions(pm),
+                    {"smoke": smoke, "blocked": sorted(block or []),
+                     "recipe": str(recipe_path) if recipe_path else None,
+                     "overrides": list(overrides or [])})
+    save_splits(run.data, run_dir)
+    return _execute(run, reporter, None)
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None,
+             plugins: list[tuple[str, object]] | None = None) -> tuple[Recipe, dict, Any, Any]:
+    run_dir = Path(run_dir)
+    meta = read_run_meta(run_dir)
+    pm, registry = make_plugin_manager(meta.get("blocked", []))
+    for name, plugin in plugins or []:
+        from ltframe.plugins import register_plugin
+
+        register_plugin(pm, registry, plugin, name)
+    raw = apply_overrides(read_toml(run_dir / "resolved.toml"), overrides or [])
+    return build_recipe(raw, registry), meta, pm, registry
+
+
+def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
+               plugins: list[tuple[str, object]] | None = None,
+               reporter: Reporter | None = None) -> dict:
+    """Continue a run from its latest checkpoint; bit-for-bit on the same machine."""
+    run_dir = Path(run_dir)
+    recipe, meta, pm, registry = load_run(run_dir, overrides, plugins)
+    tensors, side, path = ckpt.load(run_dir)
+    run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
+    check_splits(run.data, run_dir)
+    reporter = reporter or Reporter()
+    reporter.message(f"resuming {run_dir} from {path.name} (stage {side['stage_index']}, "
+                     f"step {side['step']})")
+    if overrides:
+        ckpt.atomic_write_text(run_dir / "resolved.toml", recipe.to_toml())
+    return _execute(run, reporter, (tensors, side))
+
+
+def evaluate_checkpoint(target: str | Path) -> dict:
+    """Evaluate a run directory's latest checkpoint, or a given checkpoint file."""
+    from ltframe.eval.evaluate import evaluate_logits, predict
+
+    target = Path(target)
+    side_path = ckpt.resolve(target)
+    run_dir = side_path.parent.parent
+    recipe, meta, pm, registry = load_run(run_dir)
+    tensors, side, _ = ckpt.load(side_path)
+    run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
+    prefix = "ema" if side.get("ema") and side.get("step", 0) > 0 else "model"
+    ckpt.load_module_state(run.model, tensors, prefix, str(side_path.with_suffix(".safetensors")))
+    d = run.data
+    logits = predict(run.model, d.test, torch.arange(d.test_labels.numel()), d.source.mean,
+                     d.source.std, recipe.eval.batch_size, recipe.model.eval_head,
+                     run.device.type == "cuda" and recipe.run.precision == "bf16")
+    metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
+                              recipe.eval.many_threshold, recipe.eval.few_threshold)
+    metrics["checkpoint"] = str(side_path.with_suffix(".safetensors"))
+    return metrics

@@ -1,0 +1,87 @@
+"""Run directory, device, data and model construction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltframe.data.bundle import DataBundle, build_bundle
+from ltframe.engine.checkpoint import atomic_write_json, atomic_write_text
+from ltframe.errors import LtframeError, RecipeError
+from ltframe.models import LTModel, build_backbone
+from ltframe.recipe import Recipe
+from ltframe.registry import Registry
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RecipeError(f"run.device: '{name}' is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("run.device: CUDA is not available here; use device = \"auto\" or \"cpu\"")
+    return dev
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """out_dir/name, or name-1, name-2, ... so an earlier run is never overwritten."""
+    base = Path(out_dir) / name
+    path, i = base, 0
+    while path.exists() and any(path.iterdir()):
+        i += 1
+        path = base.with_name(f"{name}-{i}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def git_revision(where: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, plugins: dict[str, str],
+                    meta: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "resolved.toml", recipe.to_toml())
+    import ltframe
+
+    atomic_write_json(run_dir / "run.json", {
+        "ltframe": ltframe.__version__,
+        "torch": torch.__version__,
+        "git_revision": git_revision(Path.cwd()),
+        "plugins": plugins,
+        **meta,
+    })
+
+
+def read_run_meta(run_dir: Path) -> dict[str, Any]:
+    f = run_dir / "run.json"
+    if not f.is_file() or not (run_dir / "resolved.toml").is_file():
+        raise LtframeError(f"{run_dir} is not an ltframe run directory (no run.json / "
+                           "resolved.toml); pass the folder that `ltframe run` created")
+    return json.loads(f.read_text())
+
+
+def build_data(recipe: Recipe, registry: Registry, device: torch.device,
+               smoke: bool) -> DataBundle:
+    source = registry.build(recipe.data.source, seed=recipe.run.seed)
+    return build_bundle(source, recipe.data, recipe.run.seed, device, smoke=smoke)
+
+
+def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> LTModel:
+    backbone = build_backbone(recipe.model.backbone, **recipe.model.backbone_args)
+    heads = {
+        name: registry.build(spec, in_features=int(backbone.num_features),
+                             num_classes=num_classes)
+        for name, spec in recipe.model.heads.items()
+    }
+    return LTModel(backbone, heads)

@@ -1,0 +1,395 @@
+"""The stage runner and step loop.
+
+Path of a batch: sampler -> BatchStream (indices) -> ImageStore (uint8 on the device) ->
+views (batched augmentation) -> one forward over all parts -> StepContext -> pseudo-labeler
+-> weighted loss terms -> backward/step -> EMA -> step hooks. Loss values stay on the device
+and are synced only every `run.log_every` steps and at epoch ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ltframe.data.samplers import BatchStream
+from ltframe.engine import checkpoint as ckpt
+from ltframe.engine.context import StepContext, split_outputs
+from ltframe.engine.ema import EMA
+from ltframe.engine.report import Reporter
+from ltframe.engine.stages import StagePlan
+from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
+from ltframe.eval.evaluate import evaluate_logits, predict
+from ltframe.eval.metrics import pseudo_label_metrics
+
+SMOKE_BATCH = 16
+
+
+class Trainer:
+    """Runs the stages of one run; owns everything that goes into a checkpoint."""
+
+    def __init__(self, run: Any, reporter: Reporter) -> None:
+        self.run = run
+        self.reporter = reporter
+        self.recipe = run.recipe
+        self.model = run.model
+        self.data = run.data
+        self.device = run.device
+        self.cuda = self.device.type == "cuda"
+        self.autocast = self.cuda and self.recipe.run.precision == "bf16"
+        self.channels_last = self.cuda and self.recipe.run.channels_last
+        self.aug_gen = torch.Generator().manual_seed(self.recipe.run.seed + 1)
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.components: dict[str, Any] = {}
+        self.ckpt_dir = run.run_dir / "checkpoints"
+        self.last_checkpoint: Path | None = None
+        self.images_per_s: float | None = None
+
+    # --- metrics file ---------------------------------------------------------------------
+    def log(self, event: str, **data: Any) -> None:
+        with open(self.run.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"event": event, **data}) + "\n")
+
+    # --- stage setup ----------------------------------------------------------------------
+    def _parts_trainable(self, train: list[str]) -> list[str]:
+        parts = ["backbone", *(f"heads.{n}" for n in self.model.heads)]
+        for t in train:
+            self.model.submodule(t)  # validates the name
+        return [p for p in parts if any(p == t or p.startswith(t + ".") or t.startswith(p + ".")
+                                         for t in train)]
+
+    def set_mode(self, train: list[str]) -> None:
+        """Trainable parts in train mode; frozen parts in eval mode (BN statistics frozen)."""
+        self.model.train()
+        self.model.requires_grad_(False)
+        for t in train:
+            self.model.submodule(t).requires_grad_(True)
+        live = self._parts_trainable(train)
+        for p in ["backbone", *(f"heads.{n}" for n in self.model.heads)]:
+            if p not in live:
+                self.model.submodule(p).eval()
+
+    def _register_component(self, name: str, comp: Any) -> None:
+        self.components[name] = comp
+        pm = self.run.pm
+        if not pm.is_registered(comp) and _has_hookimpls(comp):
+            pm.register(comp, name=f"run:{name}")
+
+    def _unregister_components(self) -> None:
+        pm = self.run.pm
+        for comp in self.components.values():
+            if pm.is_registered(comp):
+                pm.unregister(comp)
+        self.components = {}
+
+    # --- evaluation -----------------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        rc, d = self.recipe, self.data
+        src = d.source
+        index = torch.arange(d.test_labels.numel())
+        logits = predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
+                         rc.model.eval_head, self.autocast, self.channels_last)
+        metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
+                                  rc.eval.many_threshold, rc.eval.few_threshold)
+        for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
+                                                       labels=d.test_labels.cpu()):
+            if extra:
+                metrics.update(extra)
+        return metrics
+
+    # --- the stage loop -------------------------------------------------------------------
+    def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
+        cfg, rc, reg, d = plan.cfg, self.recipe, self.run.registry, self.data
+        smoke = self.run.smoke
+        num_classes = d.num_classes
+        self.set_mode(cfg.train)
+        if resume is None:
+            for path in cfg.reset:
+                self.model.reset(path)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
+                              "name parts such as 'backbone' or 'heads.main'")
+        optimizer = reg.build(plan.optim.optimizer, params=params)
+        base_lrs = [g["lr"] for g in optimizer.param_groups]
+
+        batch = cfg.batch_size or rc.data.batch_size
+        if smoke:
+            batch = min(batch, SMOKE_BATCH)
+        use_l = cfg.data in ("labeled", "labeled+unlabeled")
+        use_u = cfg.data in ("unlabeled", "labeled+unlabeled")
+        labels_all = d.source.train_labels
+        seed = rc.run.seed * 1000 + plan.index
+        streams: dict[str, BatchStream] = {}
+        if use_l:
+            sampler = reg.build(cfg.sampler, labels=d.labeled_labels, num_classes=num_classes,
+                                seed=seed, rank=0, world_size=1)
+            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch)
+        if use_u:
+            n_u = d.splits.unlabeled.numel()
+            if n_u == 0:
+                raise RecipeError(f"stage[{plan.index}].data uses unlabeled data but the split "
+                                  "has none; set data.split (e.g. name = \"fraction\")")
+            unknown = torch.full((n_u,), -1, dtype=torch.long)  # true labels stay hidden
+            sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=num_classes,
+                                  seed=seed + 500, rank=0, world_size=1)
+            u_batch = batch * (cfg.unlabeled_ratio if use_l else 1)
+            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch)
+        main = streams["labeled" if use_l else "unlabeled"]
+        spe = cfg.steps_per_epoch or max(1, len(main.sampler) // main.batch_size)
+        total = cfg.steps or cfg.epochs * spe
+        if smoke:
+            spe, total = 1, min(total, 2)
+        schedule = reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total)
+
+        counts = d.labeled_counts.to(self.device)
+        losses = [(f"{s.name}" if i == 0 or s.name not in [x.name for x in cfg.loss[:i]]
+                   else f"{s.name}{i}", s.weight,
+                   reg.build(s, num_classes=num_classes, class_counts=counts))
+                  for i, s in enumerate(cfg.loss)]
+        labeler = (reg.build(cfg.pseudo_labeler, num_classes=num_classes, class_counts=counts)
+                   if cfg.pseudo_labeler else None)
+        for name, _, term in losses:
+            self._register_component(f"loss.{name}", term)
+        if labeler is not None:
+            self._register_component("pseudo_labeler", labeler)
+        mean, std = d.source.mean, d.source.std
+        views = {
+            "labeled": [(v.name, reg.build(v, mean=mean, std=std)) for v in cfg.views.labeled],
+            "unlabeled": [(v.name, reg.build(v, mean=mean, std=std)) for v in cfg.views.unlabeled],
+        }
+        ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+
+        start = 0
+        if resume is not None:
+            tensors, meta = resume
+            start = int(meta["step"])
+            opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
+            optimizer.load_state_dict(opt_state)
+            for k, s in streams.items():
+                s.load_state_dict(meta["streams"][k])
+            if ema is not None:
+                ckpt.load_module_state(ema.module, tensors, "ema", "ema")
+            comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
+            for name, comp in self.components.items():
+                if name in comp_state and hasattr(comp, "load_state_dict"):
+                    comp.load_state_dict(comp_state[name])
+
+        hook = self.run.pm.hook
+        hook.ltframe_stage_start(run=self.run, stage=plan)
+        self.reporter.stage_start(plan.name, total, start)
+        self.log("stage_start", stage=plan.name, index=plan.index, total_steps=total,
+                 steps_per_epoch=spe, resumed_at=start)
+
+        zero = torch.zeros((), device=self.device)
+        sums = {name: zero.clone() for name, _, _ in losses}
+        sums["total"] = zero.clone()
+        n_acc = 0
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        confusion = torch.zeros(num_classes * num_classes, device=self.device)
+        hidden = d.source.train_labels.to(self.device)
+        t_log, imgs = time.perf_counter(), 0
+        last_good = start
+
+        for step in range(start, total):
+            epoch = step // spe
+            if step % spe == 0:
+                hook.ltframe_epoch_start(run=self.run, stage=plan, epoch=epoch)
+            factor = schedule(step)
+            for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = lr0 * factor
+
+            inputs, sizes, aliases = [], {}, {}
+            targets = idx_u = None
+            for split in ("labeled", "unlabeled"):
+                if split not in streams:
+                    continue
+                idx = streams[split].next()
+                x = d.train.get(idx)
+                if split == "labeled":
+                    targets = labels_all[idx].to(self.device, non_blocking=True)
+                else:
+                    idx_u = idx
+                for j, (vname, view) in enumerate(views[split]):
+                    part = f"{split}:{vname}" if f"{split}:{vname}" not in sizes else f"{split}:{vname}#{j}"
+                    xv = view(x, self.aug_gen)
+                    inputs.append(xv)
+                    sizes[part] = xv.shape[0]
+                    if j == 0:
+                        aliases[split] = part
+            x_all = torch.cat(inputs)
+            if self.channels_last:
+                x_all = x_all.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                feats, logits = self.model(x_all)
+            logits = {k: v.float() for k, v in logits.items()}
+            f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
+            for alias, part in aliases.items():
+                f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
+            ctx = StepContext(step=step, epoch=epoch, num_classes=num_classes,
+                              class_counts=counts, targets=targets,
+                              features_by_part=f_parts, logits_by_part=l_parts)
+            if labeler is not None:
+                ctx.pseudo = labeler(ctx)
+                if idx_u is not None:
+                    pl = ctx.pseudo.targets
+                    pl = pl.argmax(1) if pl.dim() == 2 else pl
+                    true = hidden[idx_u.to(self.device)]
+                    confusion += torch.bincount(true * num_classes + pl,
+                                                weights=(ctx.pseudo.mask > 0).float(),
+                                                minlength=num_classes * num_classes)
+            loss = zero
+            for name, weight, term in losses:
+                value = term(ctx)
+                ctx.losses[name] = value
+                loss = loss + weight * value
+            ctx.losses["total"] = loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update()
+            for k, v in ctx.losses.items():
+                sums[k] += v.detach()
+            n_acc += 1
+            bad |= ~torch.isfinite(loss.detach())
+            imgs += x_all.shape[0]
+            hook.ltframe_step_end(run=self.run, stage=plan, step=step, ctx=ctx)
+
+            done = step + 1
+            end_epoch = done % spe == 0 or done == total
+            if done % rc.run.log_every == 0 or end_epoch:
+                self._check_finite(bad, sums, plan, last_good, done)
+                dt = time.perf_counter() - t_log
+                ips = imgs / dt if dt > 0 else 0.0
+                self.images_per_s = ips
+                info = {k: float(v) / max(n_acc, 1) for k, v in sums.items()}
+                info["lr"] = optimizer.param_groups[0]["lr"]
+                self.log("train", stage=plan.name, step=done, epoch=epoch, loss=info,
+                         images_per_s=round(ips, 1))
+                self.reporter.progress(done, {**info, "images_per_s": ips})
+                t_log, imgs = time.perf_counter(), 0
+                for k in sums:
+                    sums[k] = zero.clone()
+                n_acc = 0
+            if end_epoch:
+                metrics: dict[str, Any] = {}
+                last = done == total
+                if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                    metrics = self.evaluate(ema.module if ema else self.model)
+                    metrics.update(stage=plan.name, epoch=epoch, step=done)
+                    self.evals = (self.evals + [metrics])[-max(rc.eval.last_k, 1):]
+                    self.log("eval", **metrics)
+                    self.reporter.evaluation(plan.name, epoch, metrics)
+                if labeler is not None and confusion.sum() > 0:
+                    plm = pseudo_label_metrics(confusion.view(num_classes, num_classes))
+                    self.log("pseudo_labels", stage=plan.name, epoch=epoch, **plm)
+                    metrics.update(plm)
+                    confusion.zero_()
+                if not last:
+                    self._save(plan, done, total, optimizer, streams, ema)
+                    last_good = done
+                hook.ltframe_epoch_end(run=self.run, stage=plan, epoch=epoch, metrics=metrics)
+            elif rc.run.checkpoint_every and done % rc.run.checkpoint_every == 0:
+                self._check_finite(bad, sums, plan, last_good, done)
+                self._save(plan, done, total, optimizer, streams, ema)
+                last_good = done
+
+        result = {"stage": plan.name, "index": plan.index, "steps": total,
+                  **_mean_eval(self.evals)}
+        self.history.append(result)
+        # the stage is done: the next checkpoint starts the next stage at step 0
+        if ema is not None:  # later stages continue from the weights that were evaluated
+            self.model.load_state_dict(ema.module.state_dict())
+        self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
+                   next_stage=True)
+        self.log("stage_end", **result)
+        hook.ltframe_stage_end(run=self.run, stage=plan, result=result)
+        self.reporter.stage_end(plan.name)
+        self._unregister_components()
+        return result
+
+    def _check_finite(self, bad: Tensor, sums: dict[str, Tensor], plan: StagePlan,
+                      last_good: int, done: int) -> None:
+        if not bool(bad):
+            return
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
+        kept = (f"the last good checkpoint {self.last_checkpoint} is kept"
+                if self.last_checkpoint else "no checkpoint had been written yet")
+        self.log("error", stage=plan.name, step=done, error="non-finite loss", terms=terms)
+        raise NonFiniteLossError(
+            f"non-finite loss in stage '{plan.name}' between steps {last_good} and {done} "
+            f"(summed terms: {terms}); {kept}. Lower optim.lr, check the data and loss "
+            "weights, or set run.precision = \"fp32\"; then `ltframe resume RUN_DIR --set ...`"
+        )
+
+    def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
+              streams: dict[str, BatchStream], ema: EMA | None, stem: str | None = None,
+              next_stage: bool = False) -> None:
+        tensors: dict[str, Tensor] = {}
+        for k, v in self.model.state_dict().items():
+            tensors[f"model.{k}"] = v
+        if ema is not None:
+            for k, v in ema.module.state_dict().items():
+                tensors[f"ema.{k}"] = v
+        rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        comps = {n: c.state_dict() for n, c in self.components.items() if hasattr(c, "state_dict")}
+        meta = {
+            "stage_index": plan.index + 1 if next_stage else plan.index,
+            "stage_name": plan.name,
+            "step": step,
+            "total_steps": total,
+            "history": self.history,
+            "evals": self.evals,
+            "streams": {k: s.state_dict() for k, s in streams.items()},
+            "optimizer": ckpt.flatten_state(optimizer.state_dict(), "optim", tensors)
+            if optimizer is not None else None,
+            "rng": ckpt.flatten_state(rng, "rng", tensors),
+            "components": ckpt.flatten_state(comps, "component", tensors),
+            "ema": ema is not None,
+        }
+        stem = stem or f"step-s{plan.index}-{step:08d}"
+        self.last_checkpoint = ckpt.save(self.ckpt_dir, stem, tensors, meta)
+
+    def restore(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Model weights, RNG states and history from a checkpoint (optimizer: in run_stage)."""
+        ckpt.load_module_state(self.model, tensors, "model", "model")
+        rng = ckpt.unflatten_state(meta["rng"], tensors)
+        self.aug_gen.set_state(rng["aug"])
+        torch.set_rng_state(rng["torch"])
+        if self.cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.history = list(meta.get("history", []))
+        self.evals = list(meta.get("evals", []))
+
+
+def _has_hookimpls(obj: Any) -> bool:
+    return any(hasattr(getattr(type(obj), n, None), "ltframe_impl")
+               for n in dir(type(obj)) if n.startswith("ltframe_"))
+
+
+def _mean_eval(evals: list[dict]) -> dict:
+    """Mean of the last evaluations' numeric metrics (per_class averaged elementwise)."""
+    if not evals:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("top1", "balanced_acc", "many", "medium", "few", "top5"):
+        vals = [e[key] for e in evals if e.get(key) is not None]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+        elif key in evals[-1]:
+            out[key] = None
+    pcs = [e["per_class"] for e in evals if "per_class" in e]
+    if pcs:
+        out["per_class"] = [round(sum(col) / len(col), 4) for col in zip(*pcs, strict=True)]
+    if math.isnan(out.get("top1", 0.0)):
+        raise LtframeError("evaluation produced NaN accuracy; the test set may be empty")
+    return out

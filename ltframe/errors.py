@@ -1,0 +1,41 @@
+"""Exceptions that carry a user-facing, one-line explanation and a fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LtframeError(Exception):
+    """Base class: its message is shown to the user as is, without a traceback."""
+
+
+class RecipeError(LtframeError):
+    """A recipe value is missing, unknown or of the wrong type."""
+
+
+class RegistryError(LtframeError):
+    """A component name is unknown or registered twice."""
+
+
+class DataError(LtframeError):
+    """A data source cannot be read or a split cannot be made."""
+
+
+class CheckpointError(LtframeError):
+    """A checkpoint is missing, corrupt or does not match the model."""
+
+
+class NonFiniteLossError(LtframeError):
+    """Training produced a NaN or infinite loss."""
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """Return ' (did you mean 'x'?)' for the closest choice, or ''."""
+    match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def allowed(choices: Iterable[str]) -> str:
+    items = sorted(choices)
+    return ", ".join(items) if items else "(none)"

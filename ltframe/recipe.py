@@ -1,0 +1,277 @@
+"""TOML recipes -> validated, typed Recipe objects (stdlib tomllib; no code is ever evaluated).
+
+A recipe only names installed components; every table that names one has a `name` key and its
+other keys must match that component's Params dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ltframe.config import ComponentSpec, from_dict, to_plain
+from ltframe.data.longtail import ProfileCfg, SplitCfg
+from ltframe.errors import RecipeError, allowed, closest
+from ltframe.registry import Registry
+from ltframe.tomlw import dumps
+
+
+def _c(kind: str, default: Any = None, factory: Any = None) -> Any:
+    """A dataclass field holding a ComponentSpec of `kind` (default given as a name)."""
+    meta = {"kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunCfg:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
+    log_every: int = 50  # steps between logged (synced) loss values
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    channels_last: bool = True  # on CUDA
+
+
+@dataclass
+class DataCfg:
+    source: ComponentSpec = _c("source", "synthetic")
+    longtail: ProfileCfg = field(default_factory=ProfileCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    val_per_class: int = 0  # balanced validation split carved from the training pool
+    batch_size: int = 128
+    workers: int = 4  # threads decoding file-backed images
+    on_device: Literal["auto", "yes", "no"] = "auto"  # keep uint8 images on the GPU
+
+
+@dataclass
+class ModelCfg:
+    backbone: str = "resnet32_cifar"
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, ComponentSpec] = _c("head", factory=lambda: {"main": "linear"})
+    eval_head: str = "main"
+
+
+@dataclass
+class OptimCfg:
+    """Resolved optimizer + lr schedule (from [optim] and its [optim.schedule])."""
+
+    optimizer: ComponentSpec
+    schedule: ComponentSpec
+
+
+@dataclass
+class ViewsCfg:
+    labeled: list[ComponentSpec] = _c("view", factory=lambda: ["weak"])
+    unlabeled: list[ComponentSpec] = _c("view", factory=lambda: ["weak", "strong"])
+
+
+@dataclass
+class StageCfg:
+    name: str = "train"
+    epochs: int = 0
+    steps: int = 0  # total optimizer steps; overrides epochs
+    steps_per_epoch: int = 0  # 0 = one pass over the stage's main data
+    data: Literal["labeled", "unlabeled", "labeled+unlabeled"] = "labeled"
+    batch_size: int = 0  # 0 = data.batch_size
+    unlabeled_ratio: int = 1  # unlabeled batch = ratio x batch_size (mu)
+    sampler: ComponentSpec = _c("sampler", "random")
+    unlabeled_sampler: ComponentSpec = _c("sampler", "random")
+    views: ViewsCfg = field(default_factory=ViewsCfg)
+    train: list[str] = field(default_factory=lambda: ["backbone", "heads"])
+    reset: list[str] = field(default_factory=list)
+    loss: list[ComponentSpec] = _c("loss", factory=lambda: ["ce"])
+    pseudo_labeler: ComponentSpec | None = _c("pseudo_labeler", None)
+    optim: dict[str, Any] = field(default_factory=dict)  # overrides merged over [optim]
+    ema: float = 0.0  # EMA decay of the weights used for evaluation; 0 = off
+    eval_every: int = 1  # epochs; 0 = only at the end of the stage
+
+
+@dataclass
+class EvalCfg:
+    many_threshold: int = 100  # many: > this many labeled training images
+    few_threshold: int = 20  # few: < this many
+    batch_size: int = 512
+    last_k: int = 1  # summary reports the mean of the last k evaluations
+
+
+@dataclass
+class Recipe:
+    run: RunCfg
+    data: DataCfg
+    model: ModelCfg
+    optim: OptimCfg
+    scheduler: ComponentSpec
+    stages: list[StageCfg]
+    eval: EvalCfg
+    stage_optims: list[OptimCfg]
+    raw: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "run": to_plain(self.run),
+            "data": to_plain(self.data),
+            "model": to_plain(self.model),
+            "optim": _optim_table(self.optim),
+            "scheduler": to_plain(self.scheduler),
+            "eval": to_plain(self.eval),
+            "stage": [to_plain(s) for s in self.stages],
+        }
+        for table, opt in zip(out["stage"], self.stage_optims, strict=True):
+            table["optim"] = _optim_table(opt)
+        return out
+
+    def to_toml(self) -> str:
+        return dumps(self.to_dict())
+
+
+TOP_KEYS = ("extends", "run", "data", "model", "optim", "scheduler", "stage", "eval")
+DEFAULT_OPTIM = {"name": "sgd", "lr": 0.1, "schedule": {"name": "constant"}}
+
+
+def _optim_table(opt: OptimCfg) -> dict[str, Any]:
+    return {**opt.optimizer.to_table(), "schedule": opt.schedule.to_table()}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {p} not found; check the path (recipes live in recipes/)")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{p}: invalid TOML: {exc}") from None
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a component table whose `name` changes is replaced, not merged."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        b = out.get(k)
+        if isinstance(b, dict) and isinstance(v, dict) and v.get("name", b.get("name")) == b.get("name"):
+            out[k] = merge(b, v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a recipe and its optional single `extends` base (relative to the recipe)."""
+    data = read_toml(path)
+    ext = data.pop("extends", None)
+    if ext is None:
+        return data
+    if not isinstance(ext, str):
+        raise RecipeError(f"extends: expected a file name (string), got {ext!r}")
+    base_path = (Path(path).parent / ext).resolve()
+    base = read_toml(base_path)
+    if "extends" in base:
+        raise RecipeError(f"{base_path}: extends may only be one level deep; merge the files")
+    return merge(base, data)
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """'a.b=1' / 'stage.0.epochs=5' / 'stage[0].epochs=5' -> (path, TOML-parsed value)."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=0.01")
+    key, text = item.split("=", 1)
+    key = key.strip().replace("[", ".").replace("]", "")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare strings need no quotes
+    path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".") if p]
+    if not path:
+        raise RecipeError(f"--set {item!r}: empty key")
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(part, int):
+                if not isinstance(node, list) or part >= len(node):
+                    raise RecipeError(f"--set {item}: no element {part} at {_dotted(path[:i])}")
+                node = node[part]
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item}: {_dotted(path[:i])} is not a table")
+            if isinstance(node.get(part), str) and not isinstance(nxt, int):
+                node[part] = {"name": node[part]}  # sampler = "random" -> table
+            node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+        last = path[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or last >= len(node):
+                raise RecipeError(f"--set {item}: no element {last} at {_dotted(path[:-1])}")
+        elif not isinstance(node, dict):
+            raise RecipeError(f"--set {item}: {_dotted(path[:-1])} is not a table")
+        node[last] = value
+    return raw
+
+
+def _dotted(path: list[str | int]) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def _resolve_optim(registry: Registry, table: Any, path: str) -> OptimCfg:
+    if not isinstance(table, dict):
+        raise RecipeError(f"{path}: expected a table like {{ name = 'sgd', lr = 0.1 }}")
+    body = dict(table)
+    schedule = body.pop("schedule", {"name": "constant"})
+    body.setdefault("name", "sgd")
+    return OptimCfg(
+        registry.spec("optimizer", body, path),
+        registry.spec("lr_schedule", schedule, f"{path}.schedule"),
+    )
+
+
+def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
+    """Validate plain recipe data into a Recipe; errors name the TOML path and the fix."""
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        k = unknown[0]
+        raise RecipeError(f"{k}: unknown top-level table; allowed: {allowed(TOP_KEYS)}"
+                          f"{closest(k, TOP_KEYS)}")
+    resolver = registry.spec
+    run = from_dict(RunCfg, raw.get("run"), "run", resolver)
+    data = from_dict(DataCfg, raw.get("data"), "data", resolver)
+    model = from_dict(ModelCfg, raw.get("model"), "model", resolver)
+    optim_raw = merge(DEFAULT_OPTIM, raw.get("optim", {}) or {})
+    optim = _resolve_optim(registry, optim_raw, "optim")
+    scheduler = registry.spec("scheduler", raw.get("scheduler", "sequence"), "scheduler")
+    stages_raw = raw.get("stage", [{}])
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError("stage: expected one or more [[stage]] tables")
+    stages, stage_optims = [], []
+    for i, table in enumerate(stages_raw):
+        path = f"stage[{i}]"
+        stage = from_dict(StageCfg, table, path, resolver)
+        if stage.epochs <= 0 and stage.steps <= 0:
+            raise RecipeError(f"{path}: set epochs or steps (a positive integer)")
+        stages.append(stage)
+        stage_optims.append(_resolve_optim(registry, merge(optim_raw, stage.optim),
+                                           f"{path}.optim"))
+    if model.eval_head not in model.heads:
+        raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads "
+                          f"({', '.join(model.heads)})")
+    ev = from_dict(EvalCfg, raw.get("eval"), "eval", resolver)
+    return Recipe(run, data, model, optim, scheduler, stages, ev, stage_optims, raw)
+
+
+def load_recipe(
+    path: str | Path, registry: Registry, overrides: list[str] | None = None
+) -> Recipe:
+    """Read, extend, override and validate a recipe file."""
+    raw = apply_overrides(load_raw(path), overrides or [])
+    return build_recipe(raw, registry)
