@@ -169,6 +169,8 @@ def from_dict(
             default = f.default_factory() if f.default_factory is not _MISSING else f.default
             kwargs[name] = convert(hints[name], default, _join(path, name), resolver,
                                    f.metadata["kind"])
+        elif dataclasses.is_dataclass(hints[name]) and resolver is not None:  # nested defaults
+            kwargs[name] = from_dict(hints[name], {}, _join(path, name), resolver)
         elif f.default is _MISSING and f.default_factory is _MISSING:
             raise RecipeError(f"{_join(path, name)}: required key is missing ({type_name(hints[name])})")
     try:

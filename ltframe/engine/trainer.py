@@ -171,11 +171,12 @@ class Trainer:
             tensors, meta = resume
             start = int(meta["step"])
             opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
+            opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}  # JSON keys
             optimizer.load_state_dict(opt_state)
             for k, s in streams.items():
                 s.load_state_dict(meta["streams"][k])
             if ema is not None:
-                ckpt.load_module_state(ema.module, tensors, "ema", "ema")
+                ckpt.load_module_state(ema.module, tensors, "ema", meta.get("tensors", "checkpoint"))
             comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
             for name, comp in self.components.items():
                 if name in comp_state and hasattr(comp, "load_state_dict"):
@@ -361,7 +362,7 @@ class Trainer:
 
     def restore(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Model weights, RNG states and history from a checkpoint (optimizer: in run_stage)."""
-        ckpt.load_module_state(self.model, tensors, "model", "model")
+        ckpt.load_module_state(self.model, tensors, "model", meta.get("tensors", "checkpoint"))
         rng = ckpt.unflatten_state(meta["rng"], tensors)
         self.aug_gen.set_state(rng["aug"])
         torch.set_rng_state(rng["torch"])

@@ -1,0 +1,102 @@
+"""Helpers for ltframe's and plugins' tests: tiny recipes, fake datasets, a hook recorder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ltframe.hookspecs import hookimpl
+from ltframe.recipe import merge
+from ltframe.tomlw import dumps
+
+TINY_RECIPE: dict[str, Any] = {
+    "run": {"name": "tiny", "seed": 0, "log_every": 2},
+    "data": {
+        "source": {"name": "synthetic", "num_classes": 4, "train_per_class": 24,
+                   "test_per_class": 6, "image_size": 16},
+        "longtail": {"name": "exp", "ratio": 4},
+        "batch_size": 8,
+    },
+    "model": {"backbone": "resnet32_cifar", "backbone_args": {}},
+    "optim": {"name": "sgd", "lr": 0.05, "schedule": {"name": "constant"}},
+    "stage": [{"name": "train", "epochs": 2, "steps_per_epoch": 3, "eval_every": 1}],
+}
+
+
+def tiny_recipe(tmp_path: Path, name: str = "recipe.toml", **over: Any) -> Path:
+    """Write a tiny CPU recipe (4 classes, 16x16 synthetic images) merged with `over`."""
+    data = merge(copy.deepcopy(TINY_RECIPE), over)
+    data["run"] = {**data["run"], "out_dir": str(tmp_path / "runs")}
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps(data))
+    return path
+
+
+def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 32,
+                       seed: int = 0, ext: str = "png") -> None:
+    """root/<class>/<i>.<ext> with random images (for folder-based source tests)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
+            arr[..., c % 3] = 255 - 20 * c  # some class signal
+            Image.fromarray(arr.numpy()).save(root / cls / f"{i:04d}.{ext}")
+
+
+def write_cifar_folder(root: Path, per_class_train: int = 6, per_class_test: int = 2) -> Path:
+    """A tiny CIFAR-10 image export (train/<class>/, test/<class>/) under `root`."""
+    from ltframe.data.sources import CIFAR10_CLASSES
+
+    write_image_folder(root / "train", CIFAR10_CLASSES, per_class_train, 32, seed=1)
+    write_image_folder(root / "test", CIFAR10_CLASSES, per_class_test, 32, seed=2)
+    return root
+
+
+class HookRecorder:
+    """A plugin that records every event hook call as (hook name, key arguments)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    @hookimpl
+    def ltframe_run_start(self, run: Any) -> None:
+        self.calls.append(("run_start", None))
+
+    @hookimpl
+    def ltframe_run_end(self, run: Any, summary: dict) -> None:
+        self.calls.append(("run_end", summary.get("top1")))
+
+    @hookimpl
+    def ltframe_stage_start(self, run: Any, stage: Any) -> None:
+        self.calls.append(("stage_start", stage.name))
+
+    @hookimpl
+    def ltframe_stage_end(self, run: Any, stage: Any, result: dict) -> None:
+        self.calls.append(("stage_end", stage.name))
+
+    @hookimpl
+    def ltframe_epoch_start(self, run: Any, stage: Any, epoch: int) -> None:
+        self.calls.append(("epoch_start", epoch))
+
+    @hookimpl
+    def ltframe_epoch_end(self, run: Any, stage: Any, epoch: int, metrics: dict) -> None:
+        self.calls.append(("epoch_end", epoch))
+
+    @hookimpl
+    def ltframe_step_end(self, run: Any, stage: Any, step: int, ctx: Any) -> None:
+        self.calls.append(("step_end", step))
+
+    @hookimpl
+    def ltframe_evaluate(self, run: Any, model: Any, logits: Any, labels: Any) -> dict:
+        self.calls.append(("evaluate", int(labels.numel())))
+        return {"recorder_seen": int(labels.numel())}
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
