@@ -82,6 +82,8 @@ def list_plugins(pm: PluginManager) -> list[PluginInfo]:
     dists = pm.distributions
     out = []
     for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
         dist, version = dists.get(name, ("(registered in code)", "-"))
         out.append(PluginInfo(name, getattr(plugin, "__name__", type(plugin).__name__),
                               dist, version))

@@ -260,8 +260,10 @@ def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
         if stage.epochs <= 0 and stage.steps <= 0:
             raise RecipeError(f"{path}: set epochs or steps (a positive integer)")
         stages.append(stage)
-        stage_optims.append(_resolve_optim(registry, merge(optim_raw, stage.optim),
-                                           f"{path}.optim"))
+        base = optim_raw
+        if stage.optim.get("name", base["name"]) != base["name"]:  # another optimizer
+            base = {"schedule": optim_raw.get("schedule", {"name": "constant"})}
+        stage_optims.append(_resolve_optim(registry, merge(base, stage.optim), f"{path}.optim"))
     if model.eval_head not in model.heads:
         raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads "
                           f"({', '.join(model.heads)})")
