@@ -1,0 +1,143 @@
+"""Long-tail profiles, splits, sources and views."""
+
+import math
+
+import pytest
+import torch
+
+from ltframe.data.longtail import ProfileCfg, SplitCfg, make_splits, profile_counts
+from ltframe.errors import DataError
+from ltframe.testing import write_cifar_folder, write_image_folder
+
+
+def test_exp_profile_matches_cifar_lt_formula():
+    counts = profile_counts(ProfileCfg("exp", ratio=100), 10, 5000)
+    assert counts == [math.floor(5000 * 100 ** (-c / 9)) for c in range(10)]
+    assert counts[0] == 5000 and counts[-1] == 50 and sum(counts) == 12406
+
+
+def test_step_pareto_none_and_reverse():
+    assert profile_counts(ProfileCfg("step", ratio=10), 4, 100) == [100, 100, 10, 10]
+    assert profile_counts(ProfileCfg("none"), 3, 7) == [7, 7, 7]
+    assert profile_counts(ProfileCfg("exp", ratio=10, reverse=True), 3, 100) == [10, 31, 100]
+    p = profile_counts(ProfileCfg("pareto", n_max=1280, n_min=5, shape=6), 50, 1300, seed=1)
+    assert p[0] == 1280 and min(p) >= 5 and p == sorted(p, reverse=True)
+
+
+def _labels(per_class=100, classes=4):
+    return torch.arange(classes).repeat_interleave(per_class)
+
+
+def test_splits_are_disjoint_deterministic_and_follow_the_protocol():
+    y = _labels()
+    cfg = ProfileCfg("exp", ratio=10, n_max=80)
+    s1 = make_splits(y, 4, cfg, SplitCfg("fraction", labeled_fraction=0.1), 5, seed=3)
+    s2 = make_splits(y, 4, cfg, SplitCfg("fraction", labeled_fraction=0.1), 5, seed=3)
+    s3 = make_splits(y, 4, cfg, SplitCfg("fraction", labeled_fraction=0.1), 5, seed=4)
+    assert torch.equal(s1.labeled, s2.labeled) and not torch.equal(s1.labeled, s3.labeled)
+    total = profile_counts(cfg, 4, 95)
+    lab = torch.bincount(y[s1.labeled], minlength=4).tolist()
+    unl = torch.bincount(y[s1.unlabeled], minlength=4).tolist()
+    assert lab == [math.ceil(0.1 * n) for n in total]
+    assert [a + b for a, b in zip(lab, unl, strict=True)] == total
+    assert torch.bincount(y[s1.val], minlength=4).tolist() == [5] * 4
+    all_idx = torch.cat([s1.labeled, s1.unlabeled, s1.val])
+    assert all_idx.unique().numel() == all_idx.numel()
+
+
+def test_counts_split_with_reversed_unlabeled_order():
+    y = _labels(200)
+    s = make_splits(y, 4, ProfileCfg(), SplitCfg("counts", labeled_head=60, labeled_ratio=10,
+                                                  unlabeled_head=120, unlabeled_ratio=-10), 0, 0)
+    assert torch.bincount(y[s.labeled], minlength=4).tolist() == [60, 27, 12, 6]
+    assert torch.bincount(y[s.unlabeled], minlength=4).tolist() == [12, 25, 55, 120]
+
+
+def test_multiple_split_has_k_times_the_labeled_total():
+    y = _labels(500)
+    s = make_splits(y, 4, ProfileCfg("exp", ratio=10, n_max=60),
+                    SplitCfg("multiple", multiple=5, unlabeled_ratio=10), 0, 0)
+    n_l, n_u = s.labeled.numel(), s.unlabeled.numel()
+    assert abs(n_u - 5 * n_l) <= 4
+    u = torch.bincount(y[s.unlabeled], minlength=4).tolist()
+    assert u == sorted(u, reverse=True)
+
+
+def test_too_few_images_is_a_clear_error():
+    with pytest.raises(DataError, match="class 0 needs .* but has"):
+        make_splits(_labels(50), 4, ProfileCfg(n_max=80), SplitCfg(), 0, 0)
+    with pytest.raises(DataError, match="lower data.val_per_class"):
+        make_splits(_labels(5), 4, ProfileCfg(), SplitCfg(), 10, 0)
+
+
+def test_cifar_folder_export_is_detected(registry, tmp_path):
+    root = write_cifar_folder(tmp_path / "c10", per_class_train=3, per_class_test=2)
+    src = registry.build(registry.spec("source", {"name": "cifar10", "root": str(root)}, "s"),
+                         seed=0)
+    assert src.classes[0] == "airplane" and src.classes[-1] == "truck"
+    assert src.train_images.shape == (30, 3, 32, 32) and src.train_images.dtype == torch.uint8
+    assert src.train_labels.tolist() == [c for c in range(10) for _ in range(3)]
+    assert src.test_labels.numel() == 20 and src.info["layout"] == "image folders"
+    assert src.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+
+
+def test_missing_cifar_root_says_what_to_do(registry, tmp_path):
+    spec = registry.spec("source", {"name": "cifar10", "root": str(tmp_path / "none")}, "s")
+    with pytest.raises(DataError, match="no CIFAR-10 found at .*data.source.root.*download = true"):
+        registry.build(spec, seed=0)
+
+
+def test_imagefolder_listfile_and_npz(registry, tmp_path):
+    write_image_folder(tmp_path / "f" / "train", ["b", "a"], 3, size=20)
+    write_image_folder(tmp_path / "f" / "val", ["b", "a"], 2, size=20)
+    src = registry.build(registry.spec("source", {"name": "imagefolder", "root": str(tmp_path / "f"),
+                                                  "image_size": 16}, "s"), seed=0)
+    assert src.classes == ["a", "b"] and src.train_images.shape == (6, 3, 16, 16)
+    lines = [f"train/{c}/{i:04d}.png {k}" for k, c in enumerate(["a", "b"]) for i in range(3)]
+    (tmp_path / "f" / "tr.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "f" / "te.txt").write_text("val/a/0000.png 0\nval/b/0001.png 1\n")
+    src = registry.build(registry.spec("source", {
+        "name": "listfile", "root": str(tmp_path / "f"), "train_list": "tr.txt",
+        "test_list": "te.txt", "image_size": 16, "in_memory": False}, "s"), seed=0)
+    assert src.train_labels.tolist() == [0, 0, 0, 1, 1, 1] and len(src.train_images) == 6
+    assert src.train_images.load(0).shape == (3, 16, 16)
+    (tmp_path / "f" / "bad.txt").write_text("train/a/0000.png\n")
+    with pytest.raises(DataError, match="bad.txt:1: expected 'relative/path label'"):
+        registry.build(registry.spec("source", {"name": "listfile", "root": str(tmp_path / "f"),
+                                                "train_list": "bad.txt"}, "s"), seed=0)
+    import numpy as np
+
+    x = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0, 1, 2, 0, 1, 2]),
+             x_test=x[:3], y_test=np.array([0, 1, 2]))
+    src = registry.build(registry.spec("source", {"name": "npz", "path": str(tmp_path / "d.npz")},
+                                       "s"), seed=0)
+    assert src.train_images.shape == (6, 3, 8, 8) and src.num_classes == 3
+    assert torch.equal(src.train_images[1].permute(1, 2, 0), torch.from_numpy(x[1]))
+
+
+def test_synthetic_is_deterministic_and_class_structured(registry):
+    spec = registry.spec("source", {"name": "synthetic", "num_classes": 3, "train_per_class": 20,
+                                    "test_per_class": 5, "image_size": 16}, "s")
+    a, b = registry.build(spec, seed=0), registry.build(spec, seed=99)
+    assert torch.equal(a.train_images, b.train_images)  # the data has its own seed
+    x = a.train_images.float()
+    means = torch.stack([x[a.train_labels == c].mean(0) for c in range(3)])
+    within = torch.stack([(x[a.train_labels == c] - means[c]).pow(2).mean() for c in range(3)]).mean()
+    between = (means[0] - means[1]).pow(2).mean()
+    assert between > 0.05 * within  # class means differ: learnable structure
+
+
+@pytest.mark.parametrize("name", ["none", "weak", "strong"])
+def test_views_shapes_normalisation_and_per_sample_randomness(registry, name):
+    view = registry.build(name, kind="view", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(8, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    out = view(x, g)
+    assert out.shape == (8, 3, 16, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    same = all(torch.equal(out[0], out[i]) for i in range(1, 8))
+    assert same == (name == "none")
+    again = view(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # reproducible from the generator state
+    if name == "none":
+        assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.25)

@@ -1,0 +1,33 @@
+"""Every recipe in recipes/ runs each stage for two steps (`--smoke`) on the CPU."""
+
+from pathlib import Path
+
+import pytest
+
+from ltframe import start_run
+from ltframe.testing import write_cifar_folder
+
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar_folder(tmp_path_factory.mktemp("cifar"), per_class_train=6,
+                              per_class_test=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_recipe_smoke(recipe, tmp_path, cifar_root):
+    overrides = []
+    if 'name = "cifar' in recipe.read_text():
+        overrides.append(f"data.source.root={cifar_root}")
+    summary = start_run(recipe, overrides, out_dir=tmp_path, smoke=True)
+    assert summary["smoke"] and len(summary["stages"]) >= 1
+    assert 0.0 <= summary["top1"] <= 100.0
+
+
+def test_recipes_exist():
+    names = {str(p.relative_to(ROOT)) for p in RECIPES}
+    assert {"recipes/quickstart.toml", "recipes/cifar10_lt/ce.toml"} <= names
