@@ -46,7 +46,7 @@ def write_image_folder(root: Path, classes: list[str], per_class: int, size: int
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             arr = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
-            arr[..., c % 3] = 255 - 20 * c  # some class signal
+            arr[..., c % 3] = (255 - 20 * c) % 256  # some class signal
             Image.fromarray(arr.numpy()).save(root / cls / f"{i:04d}.{ext}")
 
 
