@@ -270,11 +270,11 @@ class Trainer:
                 dt = time.perf_counter() - t_log
                 ips = imgs / dt if dt > 0 else 0.0
                 self.images_per_s = ips
-                info = {k: float(v) / max(n_acc, 1) for k, v in sums.items()}
-                info["lr"] = optimizer.param_groups[0]["lr"]
-                self.log("train", stage=plan.name, step=done, epoch=epoch, loss=info,
+                means = {k: float(v) / max(n_acc, 1) for k, v in sums.items()}
+                lr = optimizer.param_groups[0]["lr"]
+                self.log("train", stage=plan.name, step=done, epoch=epoch, loss=means, lr=lr,
                          images_per_s=round(ips, 1))
-                self.reporter.progress(done, {**info, "images_per_s": ips})
+                self.reporter.progress(done, {**means, "lr": lr, "images_per_s": ips})
                 t_log, imgs = time.perf_counter(), 0
                 for k in sums:
                     sums[k] = zero.clone()
