@@ -137,8 +137,10 @@ def test_corrupt_checkpoint_is_reported_and_not_loaded(tmp_path):
     data = bytearray(tfile.read_bytes())
     data[-10:] = bytes(b ^ 0xFF for b in data[-10:])
     tfile.write_bytes(bytes(data))
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="corrupt"):
         resume_run(run_dir)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # untouched
     (run_dir / "checkpoints" / f"{latest}.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="sidecar .* is corrupt"):
         ckpt.load(run_dir)
@@ -220,3 +222,26 @@ def test_unlabeled_stage_without_unlabeled_data_is_explained(tmp_path):
     recipe = tiny_recipe(tmp_path, stage=[{"name": "x", "steps": 1, "data": "labeled+unlabeled"}])
     with pytest.raises(RecipeError, match="split has none"):
         start_run(recipe)
+
+
+def test_missing_data_root_fails_before_writing_anything(tmp_path):
+    recipe = tiny_recipe(tmp_path, data={"source": {"name": "cifar10",
+                                                    "root": str(tmp_path / "nowhere")}})
+    with pytest.raises(DataError, match="no CIFAR-10 found at .*nowhere"):
+        start_run(recipe)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run_dir = Path(start_run(tiny_recipe(tmp_path))["run_dir"])
+    before = (run_dir / "checkpoints/latest").read_text()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(run_dir / "checkpoints", "step-s9-00000001", {"x": torch.ones(2)}, {})
+    assert (run_dir / "checkpoints/latest").read_text() == before
+    assert not list((run_dir / "checkpoints").glob(".*tmp"))  # no half-written files
+    ckpt.load(run_dir)  # the previous checkpoint still loads

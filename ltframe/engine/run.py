@@ -105,10 +105,10 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         if recipe_path is None:
             raise LtframeError("start_run needs a recipe path or a Recipe")
         recipe = load_recipe(recipe_path, registry, overrides)
-    run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
+    run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
+    run.run_dir = run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
     reporter = reporter or Reporter()
     reporter.message(f"run directory: {run_dir}")
-    run = _prepare(recipe, pm, registry, run_dir, smoke)
     write_run_files(run_dir, recipe, plugin_versions(pm),
                     {"smoke": smoke, "blocked": sorted(block or []),
                      "recipe": str(recipe_path) if recipe_path else None,
