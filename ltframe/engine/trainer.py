@@ -103,10 +103,60 @@ class Trainer:
                 metrics.update(extra)
         return metrics
 
+    def _make_streams(self, plan: StagePlan) -> dict[str, BatchStream]:
+        """Labeled and/or unlabeled batch streams for the stage's `data` setting."""
+        cfg, reg, d = plan.cfg, self.run.registry, self.data
+        batch = cfg.batch_size or self.recipe.data.batch_size
+        if self.run.smoke:
+            batch = min(batch, SMOKE_BATCH)
+        use_l = cfg.data in ("labeled", "labeled+unlabeled")
+        seed = self.recipe.run.seed * 1000 + plan.index
+        streams: dict[str, BatchStream] = {}
+        if use_l:
+            sampler = reg.build(cfg.sampler, labels=d.labeled_labels, num_classes=d.num_classes,
+                                seed=seed, rank=0, world_size=1)
+            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch)
+        if cfg.data in ("unlabeled", "labeled+unlabeled"):
+            n_u = d.splits.unlabeled.numel()
+            if n_u == 0:
+                raise RecipeError(f"stage[{plan.index}].data uses unlabeled data but the split "
+                                  "has none; set data.split (e.g. name = \"fraction\")")
+            unknown = torch.full((n_u,), -1, dtype=torch.long)  # true labels stay hidden
+            sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
+                                  seed=seed + 500, rank=0, world_size=1)
+            u_batch = batch * (cfg.unlabeled_ratio if use_l else 1)
+            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch)
+        return streams
+
+    def _gather_inputs(self, streams: dict[str, BatchStream], views: dict[str, list]
+                       ) -> tuple[Tensor, dict[str, int], dict[str, str], Tensor | None, Tensor | None]:
+        """Next batch of every stream through every view: (inputs, part sizes, aliases,
+        labeled targets, unlabeled indices)."""
+        inputs, sizes, aliases = [], {}, {}
+        targets = idx_u = None
+        for split, stream in streams.items():
+            idx = stream.next()
+            x = self.data.train.get(idx)
+            if split == "labeled":
+                targets = self.data.source.train_labels[idx].to(self.device, non_blocking=True)
+            else:
+                idx_u = idx
+            for j, (vname, view) in enumerate(views[split]):
+                part = f"{split}:{vname}"
+                part = part if part not in sizes else f"{part}#{j}"
+                xv = view(x, self.aug_gen)
+                inputs.append(xv)
+                sizes[part] = xv.shape[0]
+                if j == 0:
+                    aliases[split] = part
+        x_all = torch.cat(inputs)
+        if self.channels_last:
+            x_all = x_all.contiguous(memory_format=torch.channels_last)
+        return x_all, sizes, aliases, targets, idx_u
+
     # --- the stage loop -------------------------------------------------------------------
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
         cfg, rc, reg, d = plan.cfg, self.recipe, self.run.registry, self.data
-        smoke = self.run.smoke
         num_classes = d.num_classes
         self.set_mode(cfg.train)
         if resume is None:
@@ -119,40 +169,21 @@ class Trainer:
         optimizer = reg.build(plan.optim.optimizer, params=params)
         base_lrs = [g["lr"] for g in optimizer.param_groups]
 
-        batch = cfg.batch_size or rc.data.batch_size
-        if smoke:
-            batch = min(batch, SMOKE_BATCH)
-        use_l = cfg.data in ("labeled", "labeled+unlabeled")
-        use_u = cfg.data in ("unlabeled", "labeled+unlabeled")
-        labels_all = d.source.train_labels
-        seed = rc.run.seed * 1000 + plan.index
-        streams: dict[str, BatchStream] = {}
-        if use_l:
-            sampler = reg.build(cfg.sampler, labels=d.labeled_labels, num_classes=num_classes,
-                                seed=seed, rank=0, world_size=1)
-            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch)
-        if use_u:
-            n_u = d.splits.unlabeled.numel()
-            if n_u == 0:
-                raise RecipeError(f"stage[{plan.index}].data uses unlabeled data but the split "
-                                  "has none; set data.split (e.g. name = \"fraction\")")
-            unknown = torch.full((n_u,), -1, dtype=torch.long)  # true labels stay hidden
-            sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=num_classes,
-                                  seed=seed + 500, rank=0, world_size=1)
-            u_batch = batch * (cfg.unlabeled_ratio if use_l else 1)
-            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch)
+        streams = self._make_streams(plan)
+        use_l = "labeled" in streams
         main = streams["labeled" if use_l else "unlabeled"]
         spe = cfg.steps_per_epoch or max(1, len(main.sampler) // main.batch_size)
         total = cfg.steps or cfg.epochs * spe
-        if smoke:
+        if self.run.smoke:
             spe, total = 1, min(total, 2)
         schedule = reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total)
 
         counts = d.labeled_counts.to(self.device)
-        losses = [(f"{s.name}" if i == 0 or s.name not in [x.name for x in cfg.loss[:i]]
-                   else f"{s.name}{i}", s.weight,
-                   reg.build(s, num_classes=num_classes, class_counts=counts))
-                  for i, s in enumerate(cfg.loss)]
+        losses = []
+        for i, spec in enumerate(cfg.loss):
+            name = spec.name if spec.name not in [n for n, _, _ in losses] else f"{spec.name}{i}"
+            losses.append((name, spec.weight,
+                           reg.build(spec, num_classes=num_classes, class_counts=counts)))
         labeler = (reg.build(cfg.pseudo_labeler, num_classes=num_classes, class_counts=counts)
                    if cfg.pseudo_labeler else None)
         for name, _, term in losses:
@@ -206,27 +237,7 @@ class Trainer:
             for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = lr0 * factor
 
-            inputs, sizes, aliases = [], {}, {}
-            targets = idx_u = None
-            for split in ("labeled", "unlabeled"):
-                if split not in streams:
-                    continue
-                idx = streams[split].next()
-                x = d.train.get(idx)
-                if split == "labeled":
-                    targets = labels_all[idx].to(self.device, non_blocking=True)
-                else:
-                    idx_u = idx
-                for j, (vname, view) in enumerate(views[split]):
-                    part = f"{split}:{vname}" if f"{split}:{vname}" not in sizes else f"{split}:{vname}#{j}"
-                    xv = view(x, self.aug_gen)
-                    inputs.append(xv)
-                    sizes[part] = xv.shape[0]
-                    if j == 0:
-                        aliases[split] = part
-            x_all = torch.cat(inputs)
-            if self.channels_last:
-                x_all = x_all.contiguous(memory_format=torch.channels_last)
+            x_all, sizes, aliases, targets, idx_u = self._gather_inputs(streams, views)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 feats, logits = self.model(x_all)
             logits = {k: v.float() for k, v in logits.items()}
