@@ -108,7 +108,10 @@ def run(recipe: str, overrides: tuple[str, ...], out_dir: str | None, smoke: boo
 
 
 def _finish(summary: dict[str, Any], seconds: float) -> None:
-    out.print(results_table(summary, f"{summary['run_dir']}  ({seconds:.0f} s)"))
+    ips = summary.get("images_per_s")
+    speed = f", {ips:.0f} images/s" if ips else ""
+    out.print(f"{summary['run_dir']}  ({seconds:.0f} s{speed})", highlight=False)
+    out.print(results_table(summary, "balanced test set, top-1 %"))
 
 
 @main.command()
