@@ -147,7 +147,8 @@ def eval_cmd(target: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(metrics))
     else:
-        out.print(results_table(metrics, metrics["checkpoint"]))
+        out.print(metrics["checkpoint"], highlight=False)
+        out.print(results_table(metrics, "balanced test set, top-1 %"))
 
 
 @main.command()
