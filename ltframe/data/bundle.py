@@ -6,7 +6,6 @@ diagnostics only: the engine never hands them to a component.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,4 +128,3 @@ def check_splits(bundle: DataBundle, run_dir: Path) -> None:
         if saved != getattr(bundle.splits, name).tolist():
             raise DataError(f"the {name} split differs from {f}: the data or its options "
                             "changed since the run started; resume with the same data")
-    json.loads((d / "counts.json").read_text())

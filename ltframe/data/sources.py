@@ -119,11 +119,11 @@ def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[li
     return paths, torch.tensor(labels, dtype=torch.long), classes
 
 
-def load_images(paths: list[str], size: int | None, in_memory: bool | None) -> Images:
-    """Decode into memory when asked, or automatically when the set is small (< 2 GB)."""
+def load_images(paths: list[str], size: int, in_memory: bool | None) -> Images:
+    """Decode into memory when asked, or automatically when the uint8 set is under 2 GB."""
     if in_memory is None:
-        in_memory = len(paths) * 3 * (size or 64) ** 2 < 2e9 if size else len(paths) <= 200_000
-    return stack_images(paths, size) if in_memory else FileImages(paths, size or 224)
+        in_memory = len(paths) * 3 * size * size < 2e9
+    return stack_images(paths, size) if in_memory else FileImages(paths, size)
 
 
 # --- CIFAR ---------------------------------------------------------------------------------
