@@ -91,6 +91,8 @@ class StageCfg:
     optim: dict[str, Any] = field(default_factory=dict)  # overrides merged over [optim]
     ema: float = 0.0  # EMA decay of the weights used for evaluation; 0 = off
     eval_every: int = 1  # epochs; 0 = only at the end of the stage
+    fit: list[str] = field(default_factory=list)  # heads fitted at the end (e.g. "heads.main")
+    eval_head: str = ""  # head used for evaluation; "" = model.eval_head
 
 
 @dataclass
@@ -257,16 +259,20 @@ def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
     for i, table in enumerate(stages_raw):
         path = f"stage[{i}]"
         stage = from_dict(StageCfg, table, path, resolver)
-        if stage.epochs <= 0 and stage.steps <= 0:
+        if stage.epochs <= 0 and stage.steps <= 0 and not stage.fit:
             raise RecipeError(f"{path}: set epochs or steps (a positive integer)")
         stages.append(stage)
         base = optim_raw
         if stage.optim.get("name", base["name"]) != base["name"]:  # another optimizer
             base = {"schedule": optim_raw.get("schedule", {"name": "constant"})}
         stage_optims.append(_resolve_optim(registry, merge(base, stage.optim), f"{path}.optim"))
+    heads = ", ".join(model.heads)
     if model.eval_head not in model.heads:
-        raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads "
-                          f"({', '.join(model.heads)})")
+        raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads ({heads})")
+    for i, stage in enumerate(stages):
+        if stage.eval_head and stage.eval_head not in model.heads:
+            raise RecipeError(f"stage[{i}].eval_head: '{stage.eval_head}' is not one of the heads "
+                              f"({heads}){closest(stage.eval_head, model.heads)}")
     ev = from_dict(EvalCfg, raw.get("eval"), "eval", resolver)
     return Recipe(run, data, model, optim, scheduler, stages, ev, stage_optims, raw)
 

@@ -72,7 +72,7 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
         raise LtframeError("the stage scheduler produced no stage; add a [[stage]] table")
     final = trainer.history[-1]
     summary = {
-        **{k: v for k, v in final.items() if k not in ("stage", "index", "steps")},
+        **{k: v for k, v in final.items() if k not in ("stage", "index", "steps", "eval_head")},
         "stages": trainer.history,
         "classes": run.data.source.classes,
         "labeled_counts": run.data.labeled_counts.tolist(),
@@ -161,9 +161,19 @@ def evaluate_checkpoint(target: str | Path) -> dict:
     ckpt.load_module_state(run.model, tensors, prefix, str(side_path.with_suffix(".safetensors")))
     d = run.data
     logits = predict(run.model, d.test, torch.arange(d.test_labels.numel()), d.source.mean,
-                     d.source.std, recipe.eval.batch_size, recipe.model.eval_head,
+                     d.source.std, recipe.eval.batch_size, _eval_head(recipe, side),
                      run.device.type == "cuda" and recipe.run.precision == "bf16")
     metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                               recipe.eval.many_threshold, recipe.eval.few_threshold)
     metrics["checkpoint"] = str(side_path.with_suffix(".safetensors"))
     return metrics
+
+
+def _eval_head(recipe: Recipe, side: dict) -> str:
+    """The head the checkpoint's stage evaluated with."""
+    history = side.get("history") or []
+    if side.get("step", 0) == 0 and history:
+        return history[-1].get("eval_head") or recipe.model.eval_head
+    idx = int(side.get("stage_index", 0))
+    stage = recipe.stages[idx % len(recipe.stages)] if recipe.stages else None
+    return (stage.eval_head if stage else "") or recipe.model.eval_head

@@ -24,7 +24,7 @@ from ltframe.engine.ema import EMA
 from ltframe.engine.report import Reporter
 from ltframe.engine.stages import StagePlan
 from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
-from ltframe.eval.evaluate import evaluate_logits, predict
+from ltframe.eval.evaluate import evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 
 SMOKE_BATCH = 16
@@ -89,12 +89,12 @@ class Trainer:
         self.components = {}
 
     # --- evaluation -----------------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module) -> dict:
+    def evaluate(self, model: torch.nn.Module, head: str = "") -> dict:
         rc, d = self.recipe, self.data
         src = d.source
         index = torch.arange(d.test_labels.numel())
         logits = predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
-                         rc.model.eval_head, self.autocast, self.channels_last)
+                         head or rc.model.eval_head, self.autocast, self.channels_last)
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                                   rc.eval.many_threshold, rc.eval.few_threshold)
         for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
@@ -102,6 +102,22 @@ class Trainer:
             if extra:
                 metrics.update(extra)
         return metrics
+
+    def fit_heads(self, model: torch.nn.Module, paths: list[str]) -> dict:
+        """Call `fit(train_feats, train_labels, val_feats, val_labels)` on each listed head
+        with un-augmented features of the labeled set (and the val split, if any)."""
+        d, bs = self.data, self.recipe.eval.batch_size
+        feats = extract_features(model, d.train, d.splits.labeled, d.source.mean, d.source.std, bs)
+        val_feats = (extract_features(model, d.val, d.val_index, d.source.mean, d.source.std, bs)
+                     if d.val is not None else None)
+        out = {}
+        for path in paths:
+            head = model.get_submodule(path) if path.startswith("heads.") else None
+            if head is None or not hasattr(head, "fit"):
+                raise RecipeError(f"stage.fit: '{path}' is not a head with a fit() method "
+                                  "(e.g. heads.main with name = \"ncm\" or \"tau_norm\")")
+            out[path] = head.fit(feats, d.labeled_labels, val_feats, d.val_labels) or {}
+        return out
 
     def _make_streams(self, plan: StagePlan) -> dict[str, BatchStream]:
         """Labeled and/or unlabeled batch streams for the stage's `data` setting."""
@@ -162,21 +178,21 @@ class Trainer:
         if resume is None:
             for path in cfg.reset:
                 self.model.reset(path)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
-                              "name parts such as 'backbone' or 'heads.main'")
-        optimizer = reg.build(plan.optim.optimizer, params=params)
-        base_lrs = [g["lr"] for g in optimizer.param_groups]
 
         streams = self._make_streams(plan)
         use_l = "labeled" in streams
         main = streams["labeled" if use_l else "unlabeled"]
         spe = cfg.steps_per_epoch or max(1, len(main.sampler) // main.batch_size)
-        total = cfg.steps or cfg.epochs * spe
+        total = cfg.steps or cfg.epochs * spe  # 0 for a fit-only stage
         if self.run.smoke:
             spe, total = 1, min(total, 2)
         schedule = reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params and total > 0:
+            raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
+                              "name parts such as 'backbone' or 'heads.main'")
+        optimizer = reg.build(plan.optim.optimizer, params=params) if params else None
+        base_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer else []
 
         counts = d.labeled_counts.to(self.device)
         losses = []
@@ -294,7 +310,7 @@ class Trainer:
                 metrics: dict[str, Any] = {}
                 last = done == total
                 if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    metrics = self.evaluate(ema.module if ema else self.model)
+                    metrics = self.evaluate(ema.module if ema else self.model, cfg.eval_head)
                     metrics.update(stage=plan.name, epoch=epoch, step=done)
                     self.evals = (self.evals + [metrics])[-max(rc.eval.last_k, 1):]
                     self.log("eval", **metrics)
@@ -313,7 +329,17 @@ class Trainer:
                 self._save(plan, done, total, optimizer, streams, ema)
                 last_good = done
 
+        if cfg.fit:
+            eval_model = ema.module if ema else self.model
+            fitted = self.fit_heads(eval_model, cfg.fit)
+            self.log("fit", stage=plan.name, **fitted)
+            metrics = {**self.evaluate(eval_model, cfg.eval_head), "stage": plan.name,
+                       "step": total}
+            self.evals = (self.evals + [metrics])[-max(rc.eval.last_k, 1):]
+            self.log("eval", **metrics)
+            self.reporter.evaluation(plan.name, max(total // spe - 1, 0), metrics)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
+                  "eval_head": cfg.eval_head or rc.model.eval_head,
                   **_mean_eval(self.evals)}
         self.history.append(result)
         # the stage is done: the next checkpoint starts the next stage at step 0

@@ -35,3 +35,19 @@ def predict(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch
 def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
                     few: int) -> dict:
     return classification_metrics(logits, labels.cpu(), train_counts.cpu(), many, few)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, store: ImageStore, index: Tensor, mean, std,
+                     batch_size: int) -> Tensor:
+    """Backbone features (float32, CPU) of the un-augmented images at `index`."""
+    view = NoneView(NoneParams(), mean, std)
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for start in range(0, index.numel(), batch_size):
+            outs.append(model.features(view(store.get(index[start:start + batch_size]))).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
