@@ -90,3 +90,29 @@ def test_decoupled_classifier_stage_keeps_the_backbone(tmp_path, mode):
     if mode in ("tau_norm", "ncm"):
         assert any(r["event"] == "fit" for r in rows)
     assert summary["stages"][-1]["eval_head"] == ("ncm" if mode == "ncm" else "main")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("classifier, head", [("crt", "linear"), ("lws", "lws"),
+                                              ("tau_norm", "tau_norm"), ("ncm", "ncm")])
+def test_decoupled_scheduler_derives_the_classifier_stage(tmp_path, classifier, head):
+    heads = {"main": {"name": "linear" if head == "ncm" else head}}
+    if head == "ncm":
+        heads["ncm"] = {"name": "ncm"}
+    over = {"model": {"heads": heads},
+            "scheduler": {"name": "decoupled", "classifier": classifier, "epochs": 1,
+                          "head": "ncm" if head == "ncm" else "main"},
+            "stage": [{"name": "rep", "steps": 3, "train": ["backbone", "heads.main"]}]}
+    summary = start_run(tiny_recipe(tmp_path, **over))
+    names = [s["stage"] for s in summary["stages"]]
+    assert names == ["rep", classifier]
+    run_dir = Path(summary["run_dir"])
+    a = load_file(str(run_dir / "checkpoints/stage0-rep.safetensors"))
+    b = load_file(str(run_dir / f"checkpoints/stage1-{classifier}.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model.backbone."))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    starts = [r for r in rows if r["event"] == "stage_start"]
+    if classifier in ("crt", "lws"):
+        assert starts[1]["total_steps"] > 0
+    else:
+        assert starts[1]["total_steps"] == 0 and any(r["event"] == "fit" for r in rows)
