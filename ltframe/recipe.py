@@ -101,6 +101,7 @@ class EvalCfg:
     few_threshold: int = 20  # few: < this many
     batch_size: int = 512
     last_k: int = 1  # summary reports the mean of the last k evaluations
+    posthoc_tau: float = 0.0  # post-hoc logit adjustment: logits - tau * log(labeled prior)
 
 
 @dataclass

@@ -53,3 +53,14 @@ def test_lr_schedules_known_values(registry):
     assert cos(0) == 1.0 and cos(1000) == pytest.approx(0.5) and cos(1999) < 1e-5
     fm = f("cosine", form="fixmatch")
     assert fm(1000) == pytest.approx(math.cos(7 * math.pi / 32))
+
+
+def test_posthoc_logit_adjustment_flips_towards_the_tail():
+    from ltframe.eval.evaluate import evaluate_logits
+
+    logits = torch.tensor([[1.0, 0.5]])  # head class wins by 0.5
+    labels = torch.tensor([1])
+    counts = torch.tensor([90, 10])
+    assert evaluate_logits(logits, labels, counts, 100, 20)["top1"] == 0.0
+    # log(0.9) - log(0.1) = 2.2 > 0.5: after adjustment the tail class wins
+    assert evaluate_logits(logits, labels, counts, 100, 20, posthoc_tau=1.0)["top1"] == 100.0

@@ -79,8 +79,11 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
     """Make the splits of `source` described by the recipe's [data] table `cfg`."""
     labels = source.train_labels
     separate_val = source.val_labels is not None
-    splits = make_splits(labels, source.num_classes, cfg.longtail, cfg.split,
-                         0 if separate_val else cfg.val_per_class, seed, strict=not smoke)
+    val_per_class = 0 if separate_val else cfg.val_per_class
+    if smoke:  # small data slices: keep at most 2 validation images per class
+        val_per_class = min(val_per_class, 2)
+    splits = make_splits(labels, source.num_classes, cfg.longtail, cfg.split, val_per_class, seed,
+                         strict=not smoke)
     test_x, test_y = source.test_images, source.test_labels
     if smoke:  # a small balanced slice of the test set
         keep = torch.cat([(test_y == c).nonzero().flatten()[:8] for c in range(source.num_classes)])

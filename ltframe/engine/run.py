@@ -164,7 +164,8 @@ def evaluate_checkpoint(target: str | Path) -> dict:
                      d.source.std, recipe.eval.batch_size, _eval_head(recipe, side),
                      run.device.type == "cuda" and recipe.run.precision == "bf16")
     metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
-                              recipe.eval.many_threshold, recipe.eval.few_threshold)
+                              recipe.eval.many_threshold, recipe.eval.few_threshold,
+                              recipe.eval.posthoc_tau)
     metrics["checkpoint"] = str(side_path.with_suffix(".safetensors"))
     return metrics
 

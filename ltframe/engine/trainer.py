@@ -96,7 +96,8 @@ class Trainer:
         logits = predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
                          head or rc.model.eval_head, self.autocast, self.channels_last)
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
-                                  rc.eval.many_threshold, rc.eval.few_threshold)
+                                  rc.eval.many_threshold, rc.eval.few_threshold,
+                                  rc.eval.posthoc_tau)
         for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
                                                        labels=d.test_labels.cpu()):
             if extra:

@@ -33,8 +33,14 @@ def predict(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
-                    few: int) -> dict:
-    return classification_metrics(logits, labels.cpu(), train_counts.cpu(), many, few)
+                    few: int, posthoc_tau: float = 0.0) -> dict:
+    """Metrics of `logits`; with posthoc_tau > 0 the logits are first adjusted post hoc,
+    logits - tau * log(prior) (Menon et al. 2021, "Long-tail learning via logit adjustment")."""
+    counts = train_counts.cpu().double()
+    if posthoc_tau:
+        prior = counts.clamp_min(1) / counts.clamp_min(1).sum()
+        logits = logits - posthoc_tau * prior.log().float()
+    return classification_metrics(logits, labels.cpu(), counts.long(), many, few)
 
 
 @torch.no_grad()

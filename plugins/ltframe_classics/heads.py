@@ -62,13 +62,20 @@ class Scale(nn.Module):
         return x * self.weight
 
 
+@dataclass
+class LWSParams:
+    bias: bool = True
+    cosine: bool = False  # a cosine classifier under the scales (for LDAM representations)
+
+
 class LWSHead(nn.Module):
     """Learnable weight scaling: f_c * (w_c . x + b_c). Train `fc` in the representation
     stage and only `scale` (train = ["heads.main.scale"]) in the classifier stage."""
 
-    def __init__(self, p: LinearParams, in_features: int, num_classes: int) -> None:
+    def __init__(self, p: LWSParams, in_features: int, num_classes: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(in_features, num_classes, bias=p.bias)
+        self.fc = (CosineHead(CosineParams(), in_features, num_classes) if p.cosine
+                   else nn.Linear(in_features, num_classes, bias=p.bias))
         self.scale = Scale(num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -157,6 +164,6 @@ class NCMHead(nn.Module):
 def register(registry: Registry) -> None:
     registry.register("head", "linear", linear, LinearParams)
     registry.register("head", "cosine", CosineHead, CosineParams, aliases=("normed_linear",))
-    registry.register("head", "lws", LWSHead, LinearParams)
+    registry.register("head", "lws", LWSHead, LWSParams)
     registry.register("head", "tau_norm", TauNormHead, TauNormParams)
     registry.register("head", "ncm", NCMHead, NCMParams)
