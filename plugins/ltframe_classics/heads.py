@@ -20,11 +20,25 @@ from ltframe.registry import Registry
 @dataclass
 class LinearParams:
     bias: bool = True
+    out_features: int = 0  # 0 = the number of classes (4 for a rotation pretext head)
 
 
 def linear(p: LinearParams, in_features: int, num_classes: int) -> nn.Module:
     """A linear classifier W f + b."""
-    return nn.Linear(in_features, num_classes, bias=p.bias)
+    return nn.Linear(in_features, p.out_features or num_classes, bias=p.bias)
+
+
+@dataclass
+class MLPParams:
+    hidden: int = 0  # 0 = in_features
+    out_features: int = 128
+
+
+def mlp(p: MLPParams, in_features: int, num_classes: int) -> nn.Module:
+    """Projection MLP Linear-ReLU-Linear (MoCo v2's head, Chen et al. 2020)."""
+    hidden = p.hidden or in_features
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, p.out_features))
 
 
 @dataclass
@@ -163,6 +177,7 @@ class NCMHead(nn.Module):
 
 def register(registry: Registry) -> None:
     registry.register("head", "linear", linear, LinearParams)
+    registry.register("head", "mlp", mlp, MLPParams)
     registry.register("head", "cosine", CosineHead, CosineParams, aliases=("normed_linear",))
     registry.register("head", "lws", LWSHead, LWSParams)
     registry.register("head", "tau_norm", TauNormHead, TauNormParams)
