@@ -20,13 +20,36 @@ def entries(kind):
     return [pytest.param(e, id=e.name) for e in REGISTRY.entries(kind)]
 
 
-def toy_ctx(logits: torch.Tensor, targets: torch.Tensor) -> StepContext:
-    feats = torch.randn(logits.shape[0], 8, requires_grad=True)
-    parts = {"labeled": feats, "unlabeled": feats, "unlabeled:weak": feats,
-             "unlabeled:strong": feats}
-    lg = {p: {"main": logits} for p in parts}
+class _ToyBackbone(torch.nn.Module):
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 8)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def toy_model():
+    from ltframe.models import LTModel
+
+    heads = {"main": torch.nn.Linear(8, C), "rot": torch.nn.Linear(8, 4),
+             "proj": torch.nn.Linear(8, 5)}
+    return LTModel(_ToyBackbone(), heads)
+
+
+PARTS = ("labeled", "labeled:weak", "labeled:moco", "labeled:moco#1", "unlabeled",
+         "unlabeled:weak", "unlabeled:strong")
+
+
+def toy_ctx(model, targets: torch.Tensor) -> StepContext:
+    x = torch.randn(targets.numel(), 3, 4, 4)
+    feats, logits = model(x)
     ctx = StepContext(step=0, epoch=0, num_classes=C, class_counts=torch.tensor([50, 10, 1, 0]),
-                      targets=targets, features_by_part=parts, logits_by_part=lg)
+                      targets=targets, features_by_part={p: feats for p in PARTS},
+                      logits_by_part={p: logits for p in PARTS}, model=model,
+                      inputs_by_part={p: x for p in PARTS})
     ctx.pseudo = PseudoLabels(targets.clone(), torch.ones(targets.numel()))
     return ctx
 
@@ -35,13 +58,21 @@ def toy_ctx(logits: torch.Tensor, targets: torch.Tensor) -> StepContext:
 def test_loss_contract(entry):
     loss = REGISTRY.build(REGISTRY.spec("loss", entry.name, "loss"), num_classes=C,
                           class_counts=torch.tensor([50, 10, 1, 0]))
-    logits = torch.randn(6, C, requires_grad=True)
-    targets = torch.tensor([0, 0, 1, 2, 0, 1])  # class 2 has 1 sample, class 3 none
-    value = loss(toy_ctx(logits, targets))
-    assert value.dim() == 0 and torch.isfinite(value)
-    value.backward()
-    assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    assert logits.grad.abs().sum() > 0
+    model = toy_model()
+    targets = torch.tensor([0, 0, 1, 2, 0, 1, 0, 1])  # class 2 has 1 sample, class 3 none
+    for _ in range(2):  # twice: stateful losses (queues, trackers) see a second step
+        model.zero_grad()
+        value = loss(toy_ctx(model, targets))
+        assert value.dim() == 0 and torch.isfinite(value)
+        value.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+        assert sum(g.abs().sum() for g in grads) > 0
+    if hasattr(loss, "state_dict"):
+        state = loss.state_dict()
+        fresh = REGISTRY.build(REGISTRY.spec("loss", entry.name, "loss"), num_classes=C,
+                               class_counts=torch.tensor([50, 10, 1, 0]))
+        fresh.load_state_dict(state)
 
 
 def _labels():

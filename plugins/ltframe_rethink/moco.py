@@ -1,0 +1,175 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020, facebookresearch/moco) as a loss term.
+
+The query is the projection head's output for one view; the key comes from a momentum copy of
+backbone + projection head applied to a second view. Logits: [q.k, q.queue] / T, target 0.
+`mask_same_label` removes queue entries that share the query's label from the negatives, as
+SSD (paper 004, MCG-NJU/SSD-LT) does. The key encoder and queue are checkpointed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ltframe.data.views import Normalize, flip_pad_crop
+from ltframe.engine.context import StepContext
+from ltframe.registry import Registry
+
+
+@dataclass
+class MocoParams:
+    head: str = "proj"  # projection head, e.g. { name = "mlp", out_features = 128 }
+    query: str = "labeled:moco"  # part giving queries
+    key: str = "labeled:moco#1"  # part whose *inputs* the momentum encoder embeds
+    queue_size: int = 65536
+    momentum: float = 0.999
+    temperature: float = 0.2
+    mask_same_label: bool = False  # SSD: drop negatives with the query's label
+
+
+class _KeyEncoder(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+
+class MocoLoss:
+    """InfoNCE against a momentum encoder and a queue of keys."""
+
+    def __init__(self, params: MocoParams, num_classes: int, class_counts: Tensor) -> None:
+        self.p = params
+        self.encoder: _KeyEncoder | None = None
+        self.queue: Tensor | None = None
+        self.queue_labels: Tensor | None = None
+        self.ptr = 0
+        self._pending: dict | None = None
+
+    def _setup(self, ctx: StepContext) -> None:
+        model = ctx.model
+        self.encoder = _KeyEncoder(copy.deepcopy(model.backbone),
+                                   copy.deepcopy(model.heads[self.p.head])).train()
+        for q in self.encoder.parameters():
+            q.requires_grad_(False)
+        dim = ctx.logits(self.p.query, self.p.head).shape[1]
+        dev = ctx.logits(self.p.query, self.p.head).device
+        self.queue = F.normalize(torch.randn(self.p.queue_size, dim, device=dev), dim=1)
+        self.queue_labels = torch.full((self.p.queue_size,), -1, dtype=torch.long, device=dev)
+        if self._pending is not None:
+            self._apply(self._pending)
+            self._pending = None
+
+    @torch.no_grad()
+    def _momentum_update(self, model: nn.Module) -> None:
+        assert self.encoder is not None
+        src = [*model.backbone.parameters(), *model.heads[self.p.head].parameters()]
+        dst = list(self.encoder.parameters())
+        torch._foreach_lerp_(dst, [s.detach() for s in src], 1 - self.p.momentum)
+
+    def __call__(self, ctx: StepContext) -> Tensor:
+        if self.encoder is None:
+            self._setup(ctx)
+        assert self.queue is not None and self.queue_labels is not None
+        self._momentum_update(ctx.model)
+        q = F.normalize(ctx.logits(self.p.query, self.p.head), dim=1)
+        with torch.no_grad():
+            k = F.normalize(self.encoder(ctx.inputs(self.p.key)).float(), dim=1)
+        pos = (q * k).sum(1, keepdim=True)
+        neg = q @ self.queue.clone().t()  # the queue is updated in place below
+        labels = ctx.targets if ctx.targets is not None and ctx.targets.numel() == q.shape[0] \
+            else torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)
+        if self.p.mask_same_label:
+            same = (labels[:, None] == self.queue_labels[None]) & (labels[:, None] >= 0)
+            neg = neg.masked_fill(same, float("-inf"))
+        logits = torch.cat([pos, neg], 1) / self.p.temperature
+        loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+        self._enqueue(k, labels)
+        return loss
+
+    @torch.no_grad()
+    def _enqueue(self, k: Tensor, labels: Tensor) -> None:
+        assert self.queue is not None and self.queue_labels is not None
+        n = k.shape[0]
+        idx = (torch.arange(n, device=k.device) + self.ptr) % self.p.queue_size
+        self.queue[idx] = k.to(self.queue.dtype)
+        self.queue_labels[idx] = labels
+        self.ptr = (self.ptr + n) % self.p.queue_size
+
+    def state_dict(self) -> dict:
+        if self.encoder is None:
+            return self._pending or {}
+        return {"encoder": self.encoder.state_dict(), "queue": self.queue,
+                "queue_labels": self.queue_labels, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.encoder is None:
+            self._pending = state
+        else:
+            self._apply(state)
+
+    def _apply(self, state: dict) -> None:
+        assert self.encoder is not None and self.queue is not None
+        self.encoder.load_state_dict(state["encoder"])
+        self.queue.copy_(state["queue"])
+        self.queue_labels.copy_(state["queue_labels"])
+        self.ptr = int(state["ptr"])
+
+
+@dataclass
+class MocoViewParams:
+    min_scale: float = 0.2  # random resized crop scale range (min, 1)
+    jitter: float = 0.4  # brightness / contrast / saturation strength
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    flip: bool = True
+
+
+class MocoView(Normalize):
+    """MoCo v2 augmentation, batched: random resized crop, colour jitter, grayscale, flip."""
+
+    def __init__(self, params: MocoViewParams, mean, std) -> None:
+        super().__init__(mean, std)
+        self.p = params
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        x = self.to_unit(x)
+        b, dev = x.shape[0], x.device
+        r = torch.rand(b, 8, generator=gen).to(dev)
+        area = self.p.min_scale + (1 - self.p.min_scale) * r[:, 0]
+        log_ratio = (r[:, 1] * 2 - 1) * 0.2877  # aspect ratio in (3/4, 4/3)
+        sx = (area * log_ratio.exp()).sqrt().clamp(max=1)
+        sy = (area / log_ratio.exp()).sqrt().clamp(max=1)
+        tx, ty = (1 - sx) * (r[:, 2] * 2 - 1), (1 - sy) * (r[:, 3] * 2 - 1)
+        zero = torch.zeros_like(sx)
+        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        on = (r[:, 4] < self.p.jitter_prob)[:, None, None, None]
+        j = self.p.jitter
+        fb, fc, fs = (1 + j * (torch.rand(3, b, generator=gen).to(dev) * 2 - 1))
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        jit = (x * fb[:, None, None, None]).clamp(0, 1)
+        m = gray.mean((1, 2, 3), keepdim=True)
+        jit = (m + fc[:, None, None, None] * (jit - m)).clamp(0, 1)
+        g2 = 0.299 * jit[:, 0:1] + 0.587 * jit[:, 1:2] + 0.114 * jit[:, 2:3]
+        jit = (g2 + fs[:, None, None, None] * (jit - g2)).clamp(0, 1)
+        x = torch.where(on, jit, x)
+        to_gray = (r[:, 5] < self.p.gray_prob)[:, None, None, None]
+        g3 = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        x = torch.where(to_gray, g3, x)
+        x = flip_pad_crop(x, gen, self.p.flip, 0, "reflect")
+        return super().__call__(x)
+
+
+def register(registry: Registry) -> None:
+    registry.register("loss", "moco", MocoLoss, MocoParams)
+    registry.register("view", "moco", MocoView, MocoViewParams)

@@ -1,0 +1,68 @@
+"""Rotation pretext (Gidaris et al. 2018, as used for SSP in paper 001): every image is
+rotated by k * 90 degrees with k = (position in batch) mod 4, so the rotation labels are exactly
+balanced and, because the sampler shuffles images, random per image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ltframe.data.views import Normalize, flip_pad_crop
+from ltframe.engine.context import StepContext
+from ltframe.registry import Registry
+
+
+def rotation_labels(n: int, device: torch.device) -> Tensor:
+    return torch.arange(n, device=device) % 4
+
+
+def rotate_by_position(x: Tensor) -> Tensor:
+    """Rotate image i of the batch by (i mod 4) * 90 degrees (square images)."""
+    k = rotation_labels(x.shape[0], x.device)
+    out = x
+    for r in (1, 2, 3):
+        out = torch.where((k == r)[:, None, None, None], torch.rot90(x, r, dims=(2, 3)), out)
+    return out
+
+
+@dataclass
+class RotateParams:
+    flip: bool = True
+    pad: int = 4  # the weak augmentation applied before rotating
+
+
+class RotateView(Normalize):
+    """Weak augmentation, then rotation by (batch position mod 4) * 90 degrees."""
+
+    def __init__(self, params: RotateParams, mean, std) -> None:
+        super().__init__(mean, std)
+        self.p = params
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        x = flip_pad_crop(self.to_unit(x), gen, self.p.flip, self.p.pad, "reflect")
+        return super().__call__(rotate_by_position(x))
+
+
+@dataclass
+class RotationLossParams:
+    head: str = "rot"  # a 4-way head, e.g. { name = "linear", out_features = 4 }
+    part: str = "labeled"
+
+
+class RotationLoss:
+    """CE between the 4-way head's logits and the rotation labels of the `rotate` view."""
+
+    def __init__(self, params: RotationLossParams, num_classes: int, class_counts: Tensor) -> None:
+        self.p = params
+
+    def __call__(self, ctx: StepContext) -> Tensor:
+        logits = ctx.logits(self.p.part, self.p.head)
+        return F.cross_entropy(logits, rotation_labels(logits.shape[0], logits.device))
+
+
+def register(registry: Registry) -> None:
+    registry.register("view", "rotate", RotateView, RotateParams)
+    registry.register("loss", "rotation", RotationLoss, RotationLossParams)
