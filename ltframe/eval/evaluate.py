@@ -11,25 +11,36 @@ from ltframe.eval.metrics import classification_metrics
 
 
 @torch.no_grad()
-def predict(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch_size: int,
-            head: str, autocast: bool = False, channels_last: bool = False) -> Tensor:
-    """Logits (float32, CPU) of `head` for the images at `index`."""
+def _batched(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch_size: int,
+             forward, autocast: bool = False, channels_last: bool = False) -> Tensor:
+    """`forward(model, x)` over un-augmented batches of `index`, in eval mode; float32 CPU."""
     view = NoneView(NoneParams(), mean, std)
     was_training = model.training
     model.eval()
     outs = []
-    dev = store.device
     try:
         for start in range(0, index.numel(), batch_size):
             x = view(store.get(index[start:start + batch_size]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                _, logits = model(x)
-            outs.append(logits[head].float().cpu())
+            with torch.autocast(store.device.type, dtype=torch.bfloat16, enabled=autocast):
+                outs.append(forward(model, x).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def predict(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch_size: int,
+            head: str, autocast: bool = False, channels_last: bool = False) -> Tensor:
+    """Logits (float32, CPU) of `head` for the images at `index`."""
+    return _batched(model, store, index, mean, std, batch_size,
+                    lambda m, x: m(x)[1][head], autocast, channels_last)
+
+
+def extract_features(model: nn.Module, store: ImageStore, index: Tensor, mean, std,
+                     batch_size: int) -> Tensor:
+    """Backbone features (float32, CPU) of the un-augmented images at `index`."""
+    return _batched(model, store, index, mean, std, batch_size, lambda m, x: m.features(x))
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
@@ -42,18 +53,3 @@ def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: 
         logits = logits - posthoc_tau * prior.log().float()
     return classification_metrics(logits, labels.cpu(), counts.long(), many, few)
 
-
-@torch.no_grad()
-def extract_features(model: nn.Module, store: ImageStore, index: Tensor, mean, std,
-                     batch_size: int) -> Tensor:
-    """Backbone features (float32, CPU) of the un-augmented images at `index`."""
-    view = NoneView(NoneParams(), mean, std)
-    was_training = model.training
-    model.eval()
-    outs = []
-    try:
-        for start in range(0, index.numel(), batch_size):
-            outs.append(model.features(view(store.get(index[start:start + batch_size]))).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(outs) if outs else torch.zeros(0)
