@@ -104,6 +104,15 @@ class Trainer:
                 metrics.update(extra)
         return metrics
 
+    def _record_eval(self, plan: StagePlan, model: torch.nn.Module, epoch: int, step: int) -> dict:
+        """Evaluate, keep the last `eval.last_k` results, log and report them."""
+        metrics = {**self.evaluate(model, plan.cfg.eval_head), "stage": plan.name,
+                   "epoch": epoch, "step": step}
+        self.evals = (self.evals + [metrics])[-max(self.recipe.eval.last_k, 1):]
+        self.log("eval", **metrics)
+        self.reporter.evaluation(plan.name, epoch, metrics)
+        return metrics
+
     def fit_heads(self, model: torch.nn.Module, paths: list[str]) -> dict:
         """Call `fit(train_feats, train_labels, val_feats, val_labels)` on each listed head
         with un-augmented features of the labeled set (and the val split, if any)."""
@@ -313,12 +322,9 @@ class Trainer:
             if end_epoch:
                 metrics: dict[str, Any] = {}
                 last = done == total
-                if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    metrics = self.evaluate(ema.module if ema else self.model, cfg.eval_head)
-                    metrics.update(stage=plan.name, epoch=epoch, step=done)
-                    self.evals = (self.evals + [metrics])[-max(rc.eval.last_k, 1):]
-                    self.log("eval", **metrics)
-                    self.reporter.evaluation(plan.name, epoch, metrics)
+                # a stage that fits heads is evaluated once, after fitting
+                if (last and not cfg.fit) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                    metrics = self._record_eval(plan, ema.module if ema else self.model, epoch, done)
                 if labeler is not None and confusion.sum() > 0:
                     plm = pseudo_label_metrics(confusion.view(num_classes, num_classes))
                     self.log("pseudo_labels", stage=plan.name, epoch=epoch, **plm)
@@ -337,11 +343,7 @@ class Trainer:
             eval_model = ema.module if ema else self.model
             fitted = self.fit_heads(eval_model, cfg.fit)
             self.log("fit", stage=plan.name, **fitted)
-            metrics = {**self.evaluate(eval_model, cfg.eval_head), "stage": plan.name,
-                       "step": total}
-            self.evals = (self.evals + [metrics])[-max(rc.eval.last_k, 1):]
-            self.log("eval", **metrics)
-            self.reporter.evaluation(plan.name, max(total // spe - 1, 0), metrics)
+            self._record_eval(plan, eval_model, max(total // spe - 1, 0), total)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
                   "eval_head": cfg.eval_head or rc.model.eval_head,
                   **_mean_eval(self.evals)}
