@@ -27,8 +27,12 @@ def test_run_then_eval_and_resume(tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads(res.output)
     assert metrics["top1"] == pytest.approx(summary["top1"])  # same weights, same test set
-    res = invoke("resume", run_dir, "--quiet")  # already complete: re-evaluates nothing new
+    res = invoke("resume", run_dir, "--quiet")  # already complete: no stage runs again
     assert res.exit_code == 0, res.output
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert again["top1"] == summary["top1"] and again["stages"] == summary["stages"]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    assert sum(r["event"] == "stage_start" for r in rows) == 1
 
 
 def test_errors_are_one_line_with_nonzero_exit(tmp_path):

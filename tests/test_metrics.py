@@ -51,7 +51,7 @@ def test_lr_schedules_known_values(registry):
     assert step(1800) == pytest.approx(1e-4)
     cos = f("cosine")
     assert cos(0) == 1.0 and cos(1000) == pytest.approx(0.5) and cos(1999) < 1e-5
-    fm = f("cosine", form="fixmatch")
+    fm = f("cosine", form="truncated")
     assert fm(1000) == pytest.approx(math.cos(7 * math.pi / 32))
 
 

@@ -25,6 +25,10 @@ def test_rotate_view_and_rotation_loss(registry):
     x = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
     out = view(x, torch.Generator().manual_seed(0))
     assert out.shape == (8, 3, 8, 8)
+    plain = registry.build(registry.spec("view", {"name": "rotate", "flip": False, "pad": 0}, "v"),
+                           mean=(0, 0, 0), std=(1, 1, 1))(x, torch.Generator())
+    for i in range(8):  # without flip/crop: exactly the (i mod 4) * 90 degree rotation
+        assert torch.equal(plain[i], torch.rot90(x[i].float() / 255, i % 4, dims=(1, 2)))
     loss = registry.build(registry.spec("loss", "rotation", "l"), num_classes=3,
                           class_counts=torch.ones(3))
     perfect = torch.full((8, 4), -10.0)

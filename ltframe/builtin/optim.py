@@ -74,18 +74,18 @@ def constant(p: ConstantParams, steps_per_epoch: int, total_steps: int) -> Calla
 class CosineParams:
     warmup_epochs: float = 0.0
     min_factor: float = 0.0
-    form: Literal["annealing", "fixmatch"] = "annealing"
-    cycles: float = 7 / 16  # fixmatch form: factor cos(pi * cycles * k / K)
+    form: Literal["annealing", "truncated"] = "annealing"
+    cycles: float = 7 / 16  # truncated form: factor cos(pi * cycles * k / K)
 
 
 def cosine(p: CosineParams, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
-    """Cosine decay over the stage: annealing 0.5(1 + cos(pi k/K)), or FixMatch's
-    cos(7 pi k / 16 K) (Sohn et al. 2020, google-research/fixmatch)."""
+    """Cosine decay over the stage: annealing 0.5(1 + cos(pi k/K)), or truncated
+    cos(pi * cycles * k / K) (cycles 7/16 is FixMatch's, Sohn et al. 2020, google-research/fixmatch)."""
     total = max(total_steps, 1)
 
     def inner(step: int) -> float:
         t = step / total
-        if p.form == "fixmatch":
+        if p.form == "truncated":
             return max(p.min_factor, math.cos(math.pi * p.cycles * t))
         return p.min_factor + (1 - p.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 

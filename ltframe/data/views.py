@@ -107,7 +107,8 @@ def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
     return (b + factor[:, None, None, None] * (a - b)).clamp_(0, 1)
 
 
-def _gray(x: Tensor) -> Tensor:
+def gray_expand(x: Tensor) -> Tensor:
+    """ITU-R 601 luma of an RGB batch, repeated over the 3 channels."""
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
 
 
@@ -159,8 +160,8 @@ def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int) -> Tensor:
         one = torch.ones_like(v)
         x = x * torch.where(sel["brightness"], 0.05 + 1.9 * v, one)[:, None, None, None]
         x = x.clamp_(0, 1)
-        x = _blend(x, _gray(x), torch.where(sel["color"], 0.05 + 1.9 * v, one))
-        mean = _gray(x).mean((1, 2, 3), keepdim=True).expand_as(x)
+        x = _blend(x, gray_expand(x), torch.where(sel["color"], 0.05 + 1.9 * v, one))
+        mean = gray_expand(x).mean((1, 2, 3), keepdim=True).expand_as(x)
         x = _blend(x, mean, torch.where(sel["contrast"], 0.05 + 1.9 * v, one))
         x = _blend(x, _smooth(x), torch.where(sel["sharpness"], 0.05 + 1.9 * v, one))
         thr = torch.where(sel["solarize"], v, 2 * one)[:, None, None, None]

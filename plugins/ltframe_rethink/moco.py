@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltframe.data.views import Normalize, flip_pad_crop
+from ltframe.data.views import gray_expand as gray
 from ltframe.engine.context import StepContext
 from ltframe.registry import Registry
 
@@ -156,16 +157,14 @@ class MocoView(Normalize):
         on = (r[:, 4] < self.p.jitter_prob)[:, None, None, None]
         j = self.p.jitter
         fb, fc, fs = (1 + j * (torch.rand(3, b, generator=gen).to(dev) * 2 - 1))
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         jit = (x * fb[:, None, None, None]).clamp(0, 1)
-        m = gray.mean((1, 2, 3), keepdim=True)
+        m = gray(x).mean((1, 2, 3), keepdim=True)
         jit = (m + fc[:, None, None, None] * (jit - m)).clamp(0, 1)
-        g2 = 0.299 * jit[:, 0:1] + 0.587 * jit[:, 1:2] + 0.114 * jit[:, 2:3]
-        jit = (g2 + fs[:, None, None, None] * (jit - g2)).clamp(0, 1)
+        g = gray(jit)
+        jit = (g + fs[:, None, None, None] * (jit - g)).clamp(0, 1)
         x = torch.where(on, jit, x)
         to_gray = (r[:, 5] < self.p.gray_prob)[:, None, None, None]
-        g3 = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
-        x = torch.where(to_gray, g3, x)
+        x = torch.where(to_gray, gray(x), x)
         x = flip_pad_crop(x, gen, self.p.flip, 0, "reflect")
         return super().__call__(x)
 

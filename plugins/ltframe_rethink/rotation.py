@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ltframe.data.views import Normalize, flip_pad_crop
+from ltframe.data.views import WeakParams, WeakView
 from ltframe.engine.context import StepContext
 from ltframe.registry import Registry
 
@@ -28,22 +28,12 @@ def rotate_by_position(x: Tensor) -> Tensor:
     return out
 
 
-@dataclass
-class RotateParams:
-    flip: bool = True
-    pad: int = 4  # the weak augmentation applied before rotating
-
-
-class RotateView(Normalize):
-    """Weak augmentation, then rotation by (batch position mod 4) * 90 degrees."""
-
-    def __init__(self, params: RotateParams, mean, std) -> None:
-        super().__init__(mean, std)
-        self.p = params
+class RotateView(WeakView):
+    """Weak augmentation (flip + pad-crop), then rotation by (batch position mod 4) * 90
+    degrees; per-channel normalisation commutes with the rotation."""
 
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        x = flip_pad_crop(self.to_unit(x), gen, self.p.flip, self.p.pad, "reflect")
-        return super().__call__(rotate_by_position(x))
+        return rotate_by_position(super().__call__(x, gen))
 
 
 @dataclass
@@ -64,5 +54,5 @@ class RotationLoss:
 
 
 def register(registry: Registry) -> None:
-    registry.register("view", "rotate", RotateView, RotateParams)
+    registry.register("view", "rotate", RotateView, WeakParams)
     registry.register("loss", "rotation", RotationLoss, RotationLossParams)
