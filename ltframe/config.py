@@ -36,6 +36,45 @@ class ComponentSpec:
 
 ComponentResolver = Callable[[str, Any, str], ComponentSpec]
 
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def param(default: Any = _MISSING, *, factory: Callable[[], Any] | None = None,
+          ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None) -> Any:
+    """A dataclass field whose numeric value (or every number in a list value) must lie within
+    the given bounds; checked when a recipe is read, reported with its TOML path.
+
+    Usable in any plugin's Params: ``batch_size: int = param(128, ge=1)``.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"bounds": bounds}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def bounds_text(bounds: dict[str, float]) -> str:
+    return " and ".join(f"{_BOUNDS[k]} {_num(v)}" for k, v in bounds.items())
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def check_bounds(value: Any, bounds: dict[str, float], path: str) -> None:
+    """Raise a RecipeError naming `path` when a number in `value` breaks `bounds`."""
+    if not bounds or value is None:
+        return
+    items = value if isinstance(value, list | tuple) else [value]
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        ok = all({"ge": v >= b, "gt": v > b, "le": v <= b, "lt": v < b}[k]
+                 for k, b in bounds.items())
+        if not ok:
+            raise RecipeError(f"{path}: {_num(v)} is out of range; it must be {bounds_text(bounds)}")
+
 
 def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -165,6 +204,7 @@ def from_dict(
             kwargs[name] = convert(
                 hints[name], data[name], _join(path, name), resolver, f.metadata.get("kind")
             )
+            check_bounds(kwargs[name], f.metadata.get("bounds", {}), _join(path, name))
         elif f.metadata.get("kind") and resolver is not None:  # defaults given as names
             default = f.default_factory() if f.default_factory is not _MISSING else f.default
             kwargs[name] = convert(hints[name], default, _join(path, name), resolver,
@@ -210,6 +250,8 @@ def params_help(cls: type | None) -> list[tuple[str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = "(required)"
+        if f.metadata.get("bounds"):
+            default += f" ({bounds_text(f.metadata['bounds'])})"
         rows.append((f.name, type_name(hints[f.name]), default))
     return rows
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ltframe.config import ComponentSpec, from_dict, to_plain
+from ltframe.config import ComponentSpec, from_dict, param, to_plain
 from ltframe.data.longtail import ProfileCfg, SplitCfg
 from ltframe.errors import RecipeError, allowed, closest
 from ltframe.registry import Registry
@@ -30,12 +30,12 @@ def _c(kind: str, default: Any = None, factory: Any = None) -> Any:
 @dataclass
 class RunCfg:
     name: str = "run"
-    seed: int = 0
+    seed: int = param(0, ge=0)
     out_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
-    log_every: int = 50  # steps between logged (synced) loss values
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
+    log_every: int = param(50, ge=1)  # steps between logged (synced) loss values
+    checkpoint_every: int = param(0, ge=0)  # steps between checkpoints; 0 = at the end of every epoch
     channels_last: bool = True  # on CUDA
 
 
@@ -44,9 +44,9 @@ class DataCfg:
     source: ComponentSpec = _c("source", "synthetic")
     longtail: ProfileCfg = field(default_factory=ProfileCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
-    val_per_class: int = 0  # balanced validation split carved from the training pool
-    batch_size: int = 128
-    workers: int = 4  # threads decoding file-backed images
+    val_per_class: int = param(0, ge=0)  # balanced validation split carved from the training pool
+    batch_size: int = param(128, ge=1)
+    workers: int = param(4, ge=0)  # threads decoding file-backed images
     on_device: Literal["auto", "yes", "no"] = "auto"  # keep uint8 images on the GPU
 
 
@@ -75,12 +75,12 @@ class ViewsCfg:
 @dataclass
 class StageCfg:
     name: str = "train"
-    epochs: int = 0
-    steps: int = 0  # total optimizer steps; overrides epochs
-    steps_per_epoch: int = 0  # 0 = one pass over the stage's main data
+    epochs: int = param(0, ge=0)
+    steps: int = param(0, ge=0)  # total optimizer steps; overrides epochs
+    steps_per_epoch: int = param(0, ge=0)  # 0 = one pass over the stage's main data
     data: Literal["labeled", "unlabeled", "labeled+unlabeled"] = "labeled"
-    batch_size: int = 0  # 0 = data.batch_size
-    unlabeled_ratio: int = 1  # unlabeled batch = ratio x batch_size (mu)
+    batch_size: int = param(0, ge=0)  # 0 = data.batch_size
+    unlabeled_ratio: int = param(1, ge=1)  # unlabeled batch = ratio x batch_size (mu)
     sampler: ComponentSpec = _c("sampler", "random")
     unlabeled_sampler: ComponentSpec = _c("sampler", "random")
     views: ViewsCfg = field(default_factory=ViewsCfg)
@@ -89,18 +89,18 @@ class StageCfg:
     loss: list[ComponentSpec] = _c("loss", factory=lambda: ["ce"])
     pseudo_labeler: ComponentSpec | None = _c("pseudo_labeler", None)
     optim: dict[str, Any] = field(default_factory=dict)  # overrides merged over [optim]
-    ema: float = 0.0  # EMA decay of the weights used for evaluation; 0 = off
-    eval_every: int = 1  # epochs; 0 = only at the end of the stage
+    ema: float = param(0.0, ge=0, lt=1)  # EMA decay of the weights used for evaluation; 0 = off
+    eval_every: int = param(1, ge=0)  # epochs; 0 = only at the end of the stage
     fit: list[str] = field(default_factory=list)  # heads fitted at the end (e.g. "heads.main")
     eval_head: str = ""  # head used for evaluation; "" = model.eval_head
 
 
 @dataclass
 class EvalCfg:
-    many_threshold: int = 100  # many: > this many labeled training images
-    few_threshold: int = 20  # few: < this many
-    batch_size: int = 512
-    last_k: int = 1  # summary reports the mean of the last k evaluations
+    many_threshold: int = param(100, ge=0)  # many: > this many labeled training images
+    few_threshold: int = param(20, ge=0)  # few: < this many
+    batch_size: int = param(512, ge=1)
+    last_k: int = param(1, ge=1)  # summary reports the mean of the last k evaluations
     posthoc_tau: float = 0.0  # post-hoc logit adjustment: logits - tau * log(labeled prior)
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ltframe.config import param
 from ltframe.errors import DataError
 
 
@@ -22,11 +23,11 @@ class ProfileCfg:
     """Long-tail profile of the labeled training set."""
 
     name: Literal["none", "exp", "step", "pareto"] = "none"
-    ratio: float = 100.0  # imbalance ratio N_max / N_min (exp, step)
-    n_max: int = 0  # head count; 0 = the largest class count available
-    n_min: int = 1  # pareto: smallest count; every profile keeps >= 1
-    head_fraction: float = 0.5  # step: fraction of classes that are head classes
-    shape: float = 6.0  # pareto/lomax shape (alpha)
+    ratio: float = param(100.0, ge=1)  # imbalance ratio N_max / N_min (exp, step)
+    n_max: int = param(0, ge=0)  # head count; 0 = the largest class count available
+    n_min: int = param(1, ge=1)  # pareto: smallest count; every profile keeps >= 1
+    head_fraction: float = param(0.5, gt=0, le=1)  # step: fraction of classes that are head classes
+    shape: float = param(6.0, gt=0)  # pareto/lomax shape (alpha)
     reverse: bool = False  # tail first (e.g. for the unlabeled set)
 
 
@@ -35,12 +36,12 @@ class SplitCfg:
     """How the long-tailed set is divided into labeled and unlabeled parts."""
 
     name: Literal["supervised", "fraction", "counts", "multiple"] = "supervised"
-    labeled_fraction: float = 0.1  # fraction: labeled = ceil(beta * N_c), rest unlabeled
-    labeled_head: int = 1500  # counts: N_1
-    labeled_ratio: float = 100.0  # counts: gamma_l
-    unlabeled_head: int = 3000  # counts: M_1
+    labeled_fraction: float = param(0.1, gt=0, le=1)  # fraction: labeled = ceil(beta * N_c), rest unlabeled
+    labeled_head: int = param(1500, ge=1)  # counts: N_1
+    labeled_ratio: float = param(100.0, ge=1)  # counts: gamma_l
+    unlabeled_head: int = param(3000, ge=0)  # counts: M_1
     unlabeled_ratio: float = 100.0  # counts/multiple: gamma_u (negative = reversed order)
-    multiple: float = 5.0  # multiple: unlabeled total = k x labeled total
+    multiple: float = param(5.0, gt=0)  # multiple: unlabeled total = k x labeled total
 
 
 @dataclass
