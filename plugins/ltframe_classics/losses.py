@@ -1,14 +1,16 @@
 """Classic long-tailed losses with a shared class re-weighting policy.
 
 - ce: softmax cross-entropy.
-- focal: Lin et al. 2017, (1 - p_y)^gamma * CE (gamma = 1 as in paper 001's setting).
+- focal: Lin et al. 2017, (1 - p_y)^gamma * CE (gamma = 1 as in paper 001's setting); with class
+  weights it is the LDAM-DRW code's CB-focal (weight inside the focal factor, batch mean).
 - ldam: Cao et al. 2019, "Learning Imbalanced Datasets with Label-Distribution-Aware Margin
   Loss" (kaidic/LDAM-DRW): margin m_c ~ n_c^(-1/4), max 0.5, scale s = 30, on a cosine head.
 - la: Menon et al. 2021, "Long-tail learning via logit adjustment": CE(logits + tau log prior).
 Every loss takes `reweight`: "none", "cb" (Cui et al. 2019, class-balanced weights
 (1 - beta) / (1 - beta^n_c) normalised to sum to C) or "drw" (deferred re-weighting, Cao et
 al. 2019: weights 1 until `drw_epoch`, CB weights after), so CB-CE, CB-focal, CE-DRW and
-LDAM-DRW are the same losses with another policy.
+LDAM-DRW are the same losses with another policy. Weighted ce / ldam / la take PyTorch's
+weighted mean (sum w_y l / sum w_y), as F.cross_entropy(weight=...) does in kaidic/LDAM-DRW.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ltframe.config import param
 from ltframe.engine.context import StepContext
 from ltframe.registry import Registry
 
@@ -42,9 +45,9 @@ class CEParams:
     head: str = "main"  # which head's logits
     part: str = "labeled"  # which inputs (labeled view)
     reweight: Reweight = "none"
-    beta: float = 0.9999  # CB / DRW effective-number beta
-    drw_epoch: int = 160  # DRW: stage epoch from which CB weights apply
-    label_smoothing: float = 0.0
+    beta: float = param(0.9999, ge=0, lt=1)  # CB / DRW effective-number beta
+    drw_epoch: int = param(160, ge=0)  # DRW: 0-based stage epoch from which CB weights apply
+    label_smoothing: float = param(0.0, ge=0, le=1)
 
 
 class CrossEntropy:
@@ -67,33 +70,43 @@ class CrossEntropy:
         return F.cross_entropy(logits, targets, weight=weights, reduction="none",
                                label_smoothing=self.p.label_smoothing)
 
+    def reduce(self, losses: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
+        """PyTorch's weighted mean: sum_i l_i / sum_i w_{y_i} (plain mean without weights)."""
+        if weights is None:
+            return losses.mean()
+        return losses.sum() / weights[targets].sum()
+
     def __call__(self, ctx: StepContext) -> Tensor:
         weights = self.class_weights(ctx)
         losses = self.per_sample(self.adjusted_logits(ctx), ctx.targets, weights)
-        if weights is None:
-            return losses.mean()
-        return losses.sum() / weights[ctx.targets].sum()  # PyTorch's weighted mean
+        return self.reduce(losses, ctx.targets, weights)
 
 
 @dataclass
 class FocalParams(CEParams):
-    gamma: float = 1.0
+    gamma: float = param(1.0, ge=0)
 
 
 class Focal(CrossEntropy):
-    """Focal loss (1 - p_y)^gamma * CE (Lin et al. 2017; the LDAM-DRW repo's form)."""
+    """Focal loss (Lin et al. 2017) in the form of kaidic/LDAM-DRW losses.py (FocalLoss,
+    focal_loss; also YyzHarry/imbalanced-semi-self losses.py): ce_w = w_y * CE,
+    p = exp(-ce_w), loss = mean over the batch of (1 - p)^gamma * ce_w. The class weight sits
+    inside the focal factor and the mean is over samples, not over the sum of weights.
+    `label_smoothing` is not used (the reference has none)."""
 
     def per_sample(self, logits: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
-        ce = F.cross_entropy(logits, targets, reduction="none")
-        p = torch.exp(-ce)
-        loss = (1 - p) ** self.p.gamma * ce
-        return loss * weights[targets] if weights is not None else loss
+        ce_w = F.cross_entropy(logits, targets, weight=weights, reduction="none")
+        p = torch.exp(-ce_w)
+        return (1 - p) ** self.p.gamma * ce_w
+
+    def reduce(self, losses: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
+        return losses.mean()
 
 
 @dataclass
 class LDAMParams(CEParams):
-    max_margin: float = 0.5
-    scale: float = 30.0
+    max_margin: float = param(0.5, ge=0)
+    scale: float = param(30.0, gt=0)
 
 
 class LDAM(CrossEntropy):
