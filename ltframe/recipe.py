@@ -90,6 +90,8 @@ class StageCfg:
     pseudo_labeler: ComponentSpec | None = _c("pseudo_labeler", None)
     optim: dict[str, Any] = field(default_factory=dict)  # overrides merged over [optim]
     ema: float = param(0.0, ge=0, lt=1)  # EMA decay of the weights used for evaluation; 0 = off
+    drop_last: bool = False  # default epochs: skip each epoch's last, smaller batch
+    frozen_bn: Literal["frozen", "update"] = "frozen"  # BatchNorm of parts not in `train`
     eval_every: int = param(1, ge=0)  # epochs; 0 = only at the end of the stage
     fit: list[str] = field(default_factory=list)  # heads fitted at the end (e.g. "heads.main")
     eval_head: str = ""  # head used for evaluation; "" = model.eval_head
@@ -100,8 +102,10 @@ class EvalCfg:
     many_threshold: int = param(100, ge=0)  # many: > this many labeled training images
     few_threshold: int = param(20, ge=0)  # few: < this many
     batch_size: int = param(512, ge=1)
-    last_k: int = param(1, ge=1)  # summary reports the mean of the last k evaluations
-    posthoc_tau: float = 0.0  # post-hoc logit adjustment: logits - tau * log(labeled prior)
+    report: Literal["last", "best", "mean_last_k"] = "last"  # the final stage's number
+    last_k: int = param(1, ge=1)  # mean_last_k: mean of the final stage's last k evaluations
+    # post-hoc logit adjustment: logits - tau * log(labeled prior); a list gives one row per tau
+    posthoc_tau: float | list[float] = param(0.0, ge=0)
 
 
 @dataclass

@@ -49,25 +49,47 @@ class SeededSampler:
 
 
 class BatchStream:
-    """Endless batches of dataset indices from a sampler; state = (epoch, position)."""
+    """Batches of dataset indices from a sampler; state = (epoch, position).
 
-    def __init__(self, sampler: IndexSampler, index_map: Tensor, batch_size: int) -> None:
+    `epoch_aligned=False`: an endless stream, a batch may span two sampler epochs (fixed-size
+    batches, as with an iterator that is restarted when exhausted). `epoch_aligned=True`: every
+    sampler epoch ends with its own (possibly smaller) last batch, as a DataLoader with
+    `drop_last=False` does, so stage epoch e is exactly sampler epoch e; `drop_last=True` skips
+    that remainder instead.
+    """
+
+    def __init__(self, sampler: IndexSampler, index_map: Tensor, batch_size: int,
+                 epoch_aligned: bool = False, drop_last: bool = False) -> None:
         if len(sampler) == 0:
             raise ValueError("the sampler has no samples to draw from")
         self.sampler = sampler
         self.index_map = index_map  # sampler position -> dataset index
         self.batch_size = batch_size
+        self.epoch_aligned = epoch_aligned
+        self.drop_last = drop_last and len(sampler) >= batch_size
         self.epoch = 0
         self.pos = 0
         self._order: Tensor | None = None
+
+    def batches_per_epoch(self) -> int:
+        """Batches in one sampler epoch (epoch-aligned streams)."""
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _current(self) -> Tensor:
         if self._order is None:
             self._order = self.sampler.epoch_indices(self.epoch)
         return self._order
 
+    def _advance(self, order: Tensor) -> None:
+        left = order.numel() - self.pos
+        if left <= 0 or (self.epoch_aligned and self.drop_last and left < self.batch_size):
+            self.epoch += 1
+            self.pos = 0
+            self._order = None
+
     def next(self) -> Tensor:
-        """The next `batch_size` dataset indices (wrapping into the next epoch when needed)."""
+        """The next batch of dataset indices."""
         parts, need = [], self.batch_size
         while need > 0:
             order = self._current()
@@ -75,10 +97,9 @@ class BatchStream:
             parts.append(take)
             need -= take.numel()
             self.pos += take.numel()
-            if self.pos >= order.numel():
-                self.epoch += 1
-                self.pos = 0
-                self._order = None
+            self._advance(order)
+            if self.epoch_aligned:
+                break
         return self.index_map[torch.cat(parts)]
 
     def state_dict(self) -> dict:

@@ -9,7 +9,6 @@ and are synced only every `run.log_every` steps and at epoch ends.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.report import Reporter
 from ltframe.engine.stages import StagePlan
-from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
+from ltframe.errors import NonFiniteLossError, RecipeError
 from ltframe.eval.evaluate import evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
+from ltframe.eval.record import EvalRecord
 
 SMOKE_BATCH = 16
 
@@ -45,7 +45,7 @@ class Trainer:
         self.channels_last = self.cuda and self.recipe.run.channels_last
         self.aug_gen = torch.Generator().manual_seed(self.recipe.run.seed + 1)
         self.history: list[dict] = []
-        self.evals: list[dict] = []
+        self.record = EvalRecord(self.recipe.eval.report, self.recipe.eval.last_k)
         self.components: dict[str, Any] = {}
         self.ckpt_dir = run.run_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
@@ -64,12 +64,17 @@ class Trainer:
         return [p for p in parts if any(p == t or p.startswith(t + ".") or t.startswith(p + ".")
                                          for t in train)]
 
-    def set_mode(self, train: list[str]) -> None:
-        """Trainable parts in train mode; frozen parts in eval mode (BN statistics frozen)."""
+    def set_mode(self, train: list[str], frozen_bn: str = "frozen") -> None:
+        """Trainable parts get gradients. Frozen parts keep their weights; with
+        `frozen_bn = "frozen"` they run in eval mode (BatchNorm uses and keeps its running
+        statistics), with "update" in train mode (BatchNorm normalises with batch statistics and
+        updates its running statistics, as classifier-balancing's cRT/LWS stages do)."""
         self.model.train()
         self.model.requires_grad_(False)
         for t in train:
             self.model.submodule(t).requires_grad_(True)
+        if frozen_bn == "update":
+            return
         live = self._parts_trainable(train)
         for p in ["backbone", *(f"heads.{n}" for n in self.model.heads)]:
             if p not in live:
@@ -105,10 +110,10 @@ class Trainer:
         return metrics
 
     def _record_eval(self, plan: StagePlan, model: torch.nn.Module, epoch: int, step: int) -> dict:
-        """Evaluate, keep the last `eval.last_k` results, log and report them."""
+        """Evaluate, keep what the stage's reported number needs, log and report it."""
         metrics = {**self.evaluate(model, plan.cfg.eval_head), "stage": plan.name,
                    "epoch": epoch, "step": step}
-        self.evals = (self.evals + [metrics])[-max(self.recipe.eval.last_k, 1):]
+        self.record.add(metrics)
         self.log("eval", **metrics)
         self.reporter.evaluation(plan.name, epoch, metrics)
         return metrics
@@ -137,11 +142,13 @@ class Trainer:
             batch = min(batch, SMOKE_BATCH)
         use_l = cfg.data in ("labeled", "labeled+unlabeled")
         seed = self.recipe.run.seed * 1000 + plan.index
+        # with the default steps_per_epoch, stage epoch e is the main sampler's epoch e
+        aligned = dict(epoch_aligned=not cfg.steps_per_epoch, drop_last=cfg.drop_last)
         streams: dict[str, BatchStream] = {}
         if use_l:
             sampler = reg.build(cfg.sampler, labels=d.labeled_labels, num_classes=d.num_classes,
                                 seed=seed, rank=0, world_size=1)
-            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch)
+            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch, **aligned)
         if cfg.data in ("unlabeled", "labeled+unlabeled"):
             n_u = d.splits.unlabeled.numel()
             if n_u == 0:
@@ -151,7 +158,8 @@ class Trainer:
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
                                   seed=seed + 500, rank=0, world_size=1)
             u_batch = batch * (cfg.unlabeled_ratio if use_l else 1)
-            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch)
+            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch,
+                                               **({} if use_l else aligned))
         return streams
 
     def _gather_inputs(self, streams: dict[str, BatchStream], views: dict[str, list]
@@ -184,7 +192,8 @@ class Trainer:
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
         cfg, rc, reg, d = plan.cfg, self.recipe, self.run.registry, self.data
         num_classes = d.num_classes
-        self.set_mode(cfg.train)
+        self.set_mode(cfg.train, cfg.frozen_bn)
+        self.record = EvalRecord(rc.eval.report, rc.eval.last_k)  # this stage's evaluations
         if resume is None:
             for path in cfg.reset:
                 self.model.reset(path)
@@ -192,7 +201,7 @@ class Trainer:
         streams = self._make_streams(plan)
         use_l = "labeled" in streams
         main = streams["labeled" if use_l else "unlabeled"]
-        spe = cfg.steps_per_epoch or max(1, len(main.sampler) // main.batch_size)
+        spe = cfg.steps_per_epoch or main.batches_per_epoch()
         total = cfg.steps or cfg.epochs * spe  # 0 for a fit-only stage
         if self.run.smoke:
             spe, total = 1, min(total, 2)
@@ -234,6 +243,7 @@ class Trainer:
                 s.load_state_dict(meta["streams"][k])
             if ema is not None:
                 ckpt.load_module_state(ema.module, tensors, "ema", meta.get("tensors", "checkpoint"))
+            self.record.load_state_dict(meta.get("record") or {})
             comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
             for name, comp in self.components.items():
                 if name in comp_state and hasattr(comp, "load_state_dict"):
@@ -346,7 +356,7 @@ class Trainer:
             self._record_eval(plan, eval_model, max(total // spe - 1, 0), total)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
                   "eval_head": cfg.eval_head or rc.model.eval_head,
-                  **_mean_eval(self.evals)}
+                  **self.record.summary()}
         self.history.append(result)
         # the stage is done: the next checkpoint starts the next stage at step 0
         if ema is not None:  # later stages continue from the weights that were evaluated
@@ -392,7 +402,7 @@ class Trainer:
             "step": step,
             "total_steps": total,
             "history": self.history,
-            "evals": self.evals,
+            "record": self.record.state_dict(),
             "streams": {k: s.state_dict() for k, s in streams.items()},
             "optimizer": ckpt.flatten_state(optimizer.state_dict(), "optim", tensors)
             if optimizer is not None else None,
@@ -412,28 +422,8 @@ class Trainer:
         if self.cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.history = list(meta.get("history", []))
-        self.evals = list(meta.get("evals", []))
 
 
 def _has_hookimpls(obj: Any) -> bool:
     return any(hasattr(getattr(type(obj), n, None), "ltframe_impl")
                for n in dir(type(obj)) if n.startswith("ltframe_"))
-
-
-def _mean_eval(evals: list[dict]) -> dict:
-    """Mean of the last evaluations' numeric metrics (per_class averaged elementwise)."""
-    if not evals:
-        return {}
-    out: dict[str, Any] = {}
-    for key in ("top1", "balanced_acc", "many", "medium", "few", "top5"):
-        vals = [e[key] for e in evals if e.get(key) is not None]
-        if vals:
-            out[key] = sum(vals) / len(vals)
-        elif key in evals[-1]:
-            out[key] = None
-    pcs = [e["per_class"] for e in evals if "per_class" in e]
-    if pcs:
-        out["per_class"] = [round(sum(col) / len(col), 4) for col in zip(*pcs, strict=True)]
-    if math.isnan(out.get("top1", 0.0)):
-        raise LtframeError("evaluation produced NaN accuracy; the test set may be empty")
-    return out

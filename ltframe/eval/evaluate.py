@@ -43,13 +43,28 @@ def extract_features(model: nn.Module, store: ImageStore, index: Tensor, mean, s
     return _batched(model, store, index, mean, std, batch_size, lambda m, x: m.features(x))
 
 
-def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
-                    few: int, posthoc_tau: float = 0.0) -> dict:
-    """Metrics of `logits`; with posthoc_tau > 0 the logits are first adjusted post hoc,
-    logits - tau * log(prior) (Menon et al. 2021, "Long-tail learning via logit adjustment")."""
-    counts = train_counts.cpu().double()
-    if posthoc_tau:
-        prior = counts.clamp_min(1) / counts.clamp_min(1).sum()
-        logits = logits - posthoc_tau * prior.log().float()
-    return classification_metrics(logits, labels.cpu(), counts.long(), many, few)
+def adjust_logits(logits: Tensor, train_counts: Tensor, tau: float) -> Tensor:
+    """Post-hoc logit adjustment, logits - tau * log(prior) (Menon et al. 2021, "Long-tail
+    learning via logit adjustment"; google-research/google-research/logit_adjustment)."""
+    if not tau:
+        return logits
+    counts = train_counts.cpu().double().clamp_min(1)
+    return logits - tau * (counts / counts.sum()).log().float()
 
+
+def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
+                    few: int, posthoc_tau: float | list[float] = 0.0) -> dict:
+    """Metrics of `logits`, adjusted post hoc by `posthoc_tau` (see `adjust_logits`).
+
+    With a list of taus the first one gives the metrics and `rows` holds the main metrics of
+    every tau (one row each, `posthoc_tau` included)."""
+    taus = posthoc_tau if isinstance(posthoc_tau, list) else [posthoc_tau]
+    counts = train_counts.cpu().long()
+    results = [classification_metrics(adjust_logits(logits, counts, t), labels.cpu(), counts,
+                                      many, few) for t in taus]
+    out = results[0]
+    if isinstance(posthoc_tau, list):
+        keep = ("top1", "balanced_acc", "many", "medium", "few", "top5")
+        out["rows"] = [{"posthoc_tau": t, **{k: r[k] for k in keep if k in r}}
+                       for t, r in zip(taus, results, strict=True)]
+    return out
