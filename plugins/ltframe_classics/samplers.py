@@ -5,17 +5,20 @@ Kang et al. 2020, "Decoupling Representation and Classifier for Long-Tailed Reco
 (facebookresearch/classifier-balancing): class-balanced, square-root (q = 1/2) and progressively
 balanced sampling, and the ClassAwareSampler (4 images per picked class). DRS (deferred
 re-sampling, Cao et al. 2019, kaidic/LDAM-DRW): instance sampling until `start_epoch`, then
-class-balanced. Epochs here are passes of the sampler (one stage epoch with the default
-steps_per_epoch). Every sampler is a pure function of (seed, epoch, rank): DDP-sharded by the base.
+class-balanced, either uniform over classes or with the effective-number weights of the
+reference code's re-sampler. Epochs here are passes of the sampler (0-based). Every sampler is a
+pure function of (seed, epoch, rank): DDP-sharded by the base.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ltframe.config import param
 from ltframe.data.samplers import SeededSampler
 from ltframe.errors import DataError
 from ltframe.registry import NoParams, Registry
@@ -59,20 +62,45 @@ class _ClassWeighted(SeededSampler):
 
 @dataclass
 class ClassBalancedParams:
-    num_samples: int = 0  # per epoch; 0 = the number of labeled samples
-    start_epoch: int = 0  # > 0: instance sampling before this epoch (DRS)
+    num_samples: int = param(0, ge=0)  # per epoch; 0 = the number of labeled samples
+    start_epoch: int = param(0, ge=0)  # > 0: instance sampling before this epoch (DRS)
+    weighting: Literal["uniform", "effective_number"] = "uniform"
+    beta: float = param(0.9999, ge=0, lt=1)  # effective_number only
+
+
+def effective_number_weights(counts: Tensor, beta: float) -> Tensor:
+    """Per-class weights (1 - beta) / (1 - beta^n_c) normalised to sum to C (Cui et al. 2019);
+    an empty class gets weight 0."""
+    n = counts.double()
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.full_like(n, beta), n.clamp_min(1)))
+    w = w * (n > 0)
+    return w / w.sum() * n.numel()
 
 
 class ClassBalancedSampler(_ClassWeighted):
-    """Uniform over classes, then uniform within the class; deferred from `start_epoch` (DRS)."""
+    """Class-balanced sampling, deferred to `start_epoch` (DRS: instance sampling before).
+
+    weighting = "uniform": every class equally likely, then uniform within the class
+    (1/n_c per sample; classifier-balancing's class-balanced sampler).
+    weighting = "effective_number": every sample drawn with its class's effective-number weight
+    w_c = (1 - beta) / (1 - beta^n_c), so class c has probability ~ n_c * w_c: the
+    ImbalancedDatasetSampler that the 'Resample' rule of kaidic/LDAM-DRW (cifar_train.py, utils.py)
+    and YyzHarry/imbalanced-semi-self (train.py, utils.py) uses, beta = 0.9999, with replacement,
+    len(dataset) draws per epoch. beta = 0 gives instance sampling (the 'DRW' rule's betas
+    [0, 0.9999] applied to sampling).
+    """
 
     def __init__(self, params: ClassBalancedParams, labels: Tensor, num_classes: int,
                  seed: int, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(labels, num_classes, seed, rank, world_size, params.num_samples)
         self.start = params.start_epoch
+        if params.weighting == "effective_number":
+            self.q = self.counts * effective_number_weights(self.counts, params.beta)
+        else:
+            self.q = torch.ones_like(self.counts)
 
     def class_probs(self, epoch: int) -> Tensor:
-        return torch.ones_like(self.counts)
+        return self.q
 
     def global_indices(self, epoch: int) -> Tensor:
         if epoch < self.start:
@@ -83,7 +111,7 @@ class ClassBalancedSampler(_ClassWeighted):
 
 @dataclass
 class SqrtParams:
-    num_samples: int = 0
+    num_samples: int = param(0, ge=0)
     power: float = 0.5  # q_c ~ n_c^power (0.5: square-root sampling)
 
 
@@ -101,8 +129,8 @@ class SqrtSampler(_ClassWeighted):
 
 @dataclass
 class ProgressiveParams:
-    epochs: int = 200  # T: the number of epochs over which sampling moves to class-balanced
-    num_samples: int = 0
+    epochs: int = param(200, ge=1)  # T: epochs over which sampling moves to class-balanced
+    num_samples: int = param(0, ge=0)
 
 
 class ProgressiveSampler(_ClassWeighted):
@@ -121,8 +149,8 @@ class ProgressiveSampler(_ClassWeighted):
 
 @dataclass
 class ClassAwareParams:
-    per_class: int = 4  # consecutive images of each picked class
-    num_samples: int = 0
+    per_class: int = param(4, ge=1)  # consecutive images of each picked class
+    num_samples: int = param(0, ge=0)
 
 
 class ClassAwareSampler(SeededSampler):
