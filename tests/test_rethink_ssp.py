@@ -99,3 +99,31 @@ def test_ssp_stage_then_downstream_from_the_pretrained_backbone(tmp_path, pretex
     for k in pre:  # the pretext head is dropped: untouched by the downstream stage
         if k.startswith(f"model.heads.{pretext_head}."):
             assert torch.equal(pre[k], post[k])
+
+
+def test_rotate_view_pads_with_zeros_like_the_ssp_reference(registry):
+    # imbalanced-semi-self pretrain_rot.py: RandomCrop(32, padding=4) pads with 0 (black) before
+    # ToTensor/Normalize. A constant-255 image shifted by the crop shows 0 on the padded border.
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    view = registry.build("rotate", kind="view", mean=mean, std=std)
+    assert view.p.padding_mode == "zeros" and view.p.pad == 4
+    x = torch.full((64, 3, 8, 8), 255, dtype=torch.uint8)
+    out = view(x, torch.Generator().manual_seed(0))
+    r = torch.arange(8)
+    shifted = 0
+    for i in range(64):
+        raw = torch.rot90(out[i], -(i % 4), dims=(1, 2)) * 0.25 + 0.5  # undo rotation and norm.
+        matches = []
+        for oy in range(9):  # every crop offset into the 16x16 zero-padded image
+            for ox in range(9):
+                inside = ((r + oy - 4 >= 0) & (r + oy - 4 < 8))[:, None] & \
+                         ((r + ox - 4 >= 0) & (r + ox - 4 < 8))[None, :]
+                if torch.equal(raw, inside.float().expand(3, 8, 8)):
+                    matches.append((oy, ox))
+        assert len(matches) == 1, f"sample {i} is not a zero-padded crop"
+        shifted += matches[0] != (4, 4)
+    assert shifted > 32  # most crops show some zero border
+    assert (out == (0 - 0.5) / 0.25).any()  # border pixels are 0 before normalisation
+    reflect = registry.build(registry.spec("view", {"name": "rotate", "padding_mode": "reflect"},
+                                           "v"), mean=mean, std=std)
+    assert torch.equal(reflect(x, torch.Generator().manual_seed(0)), torch.full_like(out, 2.0))

@@ -1,15 +1,18 @@
 """Rotation pretext (Gidaris et al. 2018, as used for SSP in paper 001): every image is
 rotated by k * 90 degrees with k = (position in batch) mod 4, so the rotation labels are exactly
-balanced and, because the sampler shuffles images, random per image."""
+balanced and, because the sampler shuffles images, random per image (YyzHarry/imbalanced-semi-self
+utils.py `rotation` draws a shuffled balanced label list per batch instead)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ltframe.config import param
 from ltframe.data.views import WeakParams, WeakView
 from ltframe.engine.context import StepContext
 from ltframe.registry import Registry
@@ -28,9 +31,18 @@ def rotate_by_position(x: Tensor) -> Tensor:
     return out
 
 
+@dataclass
+class RotateParams(WeakParams):
+    """The SSP reference's train transform (imbalanced-semi-self pretrain_rot.py:
+    RandomCrop(32, padding=4), RandomHorizontalFlip): zero (black) padding, unlike `weak`."""
+
+    pad: int = param(4, ge=0)
+    padding_mode: Literal["reflect", "zeros"] = "zeros"
+
+
 class RotateView(WeakView):
-    """Weak augmentation (flip + pad-crop), then rotation by (batch position mod 4) * 90
-    degrees; per-channel normalisation commutes with the rotation."""
+    """Weak augmentation (flip + pad-crop, zero padding by default), then rotation by
+    (batch position mod 4) * 90 degrees; per-channel normalisation commutes with the rotation."""
 
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
         return rotate_by_position(super().__call__(x, gen))
@@ -54,5 +66,5 @@ class RotationLoss:
 
 
 def register(registry: Registry) -> None:
-    registry.register("view", "rotate", RotateView, WeakParams)
+    registry.register("view", "rotate", RotateView, RotateParams)
     registry.register("loss", "rotation", RotationLoss, RotationLossParams)
