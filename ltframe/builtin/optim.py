@@ -1,33 +1,40 @@
 """Optimizers (sgd, adam, adamw) and lr schedules (constant, cosine, step), all with an
-optional linear warm-up. A schedule is a pure function step -> lr factor, so resume is exact."""
+optional linear warm-up. A schedule is a pure function step -> lr factor, so resume is exact.
+
+Warm-up over `warmup_epochs`: `warmup_by = "step"` ramps (k + 1) / warm_steps every step;
+`warmup_by = "epoch"` holds (e + 1) / warmup_epochs over 0-based epoch e, as
+adjust_learning_rate in kaidic/LDAM-DRW cifar_train.py does (lr * epoch / 5, 1-based epochs)."""
 
 from __future__ import annotations
 
 import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from ltframe.config import param
 from ltframe.registry import Registry
+
+WarmupBy = Literal["step", "epoch"]
 
 
 @dataclass
 class SGDParams:
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: float = param(0.1, gt=0)
+    momentum: float = param(0.9, ge=0)
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: float = param(5e-4, ge=0)
 
 
 @dataclass
 class AdamParams:
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    eps: float = 1e-8
+    lr: float = param(1e-3, gt=0)
+    betas: tuple[float, float] = param((0.9, 0.999), ge=0, lt=1)
+    weight_decay: float = param(0.0, ge=0)
+    eps: float = param(1e-8, ge=0)
 
 
 def sgd(p: SGDParams, params) -> torch.optim.Optimizer:
@@ -48,12 +55,15 @@ def adamw(p: AdamParams, params) -> torch.optim.Optimizer:
                              eps=p.eps)
 
 
-def _warmup(epochs: float, steps_per_epoch: int, inner: Callable[[int], float]
-            ) -> Callable[[int], float]:
+def _warmup(epochs: float, steps_per_epoch: int, inner: Callable[[int], float],
+            by: WarmupBy = "step") -> Callable[[int], float]:
     warm = int(round(epochs * steps_per_epoch))
+    spe = max(steps_per_epoch, 1)
 
     def factor(step: int) -> float:
         if step < warm:
+            if by == "epoch":
+                return min(1.0, (step // spe + 1) / epochs)
             return (step + 1) / warm
         return inner(step)
 
@@ -62,20 +72,22 @@ def _warmup(epochs: float, steps_per_epoch: int, inner: Callable[[int], float]
 
 @dataclass
 class ConstantParams:
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = param(0.0, ge=0)
+    warmup_by: WarmupBy = "step"
 
 
 def constant(p: ConstantParams, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
     """Constant lr (after an optional linear warm-up)."""
-    return _warmup(p.warmup_epochs, steps_per_epoch, lambda step: 1.0)
+    return _warmup(p.warmup_epochs, steps_per_epoch, lambda step: 1.0, p.warmup_by)
 
 
 @dataclass
 class CosineParams:
-    warmup_epochs: float = 0.0
-    min_factor: float = 0.0
+    warmup_epochs: float = param(0.0, ge=0)
+    min_factor: float = param(0.0, ge=0, le=1)
     form: Literal["annealing", "truncated"] = "annealing"
-    cycles: float = 7 / 16  # truncated form: factor cos(pi * cycles * k / K)
+    cycles: float = param(7 / 16, ge=0)  # truncated form: factor cos(pi * cycles * k / K)
+    warmup_by: WarmupBy = "step"
 
 
 def cosine(p: CosineParams, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
@@ -89,21 +101,24 @@ def cosine(p: CosineParams, steps_per_epoch: int, total_steps: int) -> Callable[
             return max(p.min_factor, math.cos(math.pi * p.cycles * t))
         return p.min_factor + (1 - p.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    return _warmup(p.warmup_epochs, steps_per_epoch, inner)
+    return _warmup(p.warmup_epochs, steps_per_epoch, inner, p.warmup_by)
 
 
 @dataclass
 class StepParams:
-    milestones: list[float] = field(default_factory=lambda: [160.0, 180.0])  # epochs
-    gamma: float = 0.1  # factor applied at each milestone
-    warmup_epochs: float = 0.0
+    milestones: list[float] = param(factory=lambda: [160.0, 180.0], ge=0)  # 0-based epochs
+    gamma: float = param(0.01, gt=0)  # factor applied at each milestone
+    warmup_epochs: float = param(0.0, ge=0)
+    warmup_by: WarmupBy = "step"
 
 
 def step(p: StepParams, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
-    """Multiply the lr by `gamma` at each milestone epoch (LDAM-DRW: [160, 180], 0.01)."""
+    """Multiply the lr by `gamma` at each milestone epoch. The defaults are LDAM-DRW's
+    (Cao et al. 2019; kaidic/LDAM-DRW cifar_train.py adjust_learning_rate): x0.01 from 0-based
+    epoch 160, x0.0001 from 180; add warmup_epochs = 5, warmup_by = "epoch" for its warm-up."""
     bounds = sorted(int(round(m * steps_per_epoch)) for m in p.milestones)
     return _warmup(p.warmup_epochs, steps_per_epoch,
-                   lambda s: p.gamma ** bisect.bisect_right(bounds, s))
+                   lambda s: p.gamma ** bisect.bisect_right(bounds, s), p.warmup_by)
 
 
 def register(registry: Registry) -> None:
