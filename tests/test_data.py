@@ -35,7 +35,7 @@ def test_splits_are_disjoint_deterministic_and_follow_the_protocol():
     s2 = make_splits(y, 4, cfg, SplitCfg("fraction", labeled_fraction=0.1), 5, seed=3)
     s3 = make_splits(y, 4, cfg, SplitCfg("fraction", labeled_fraction=0.1), 5, seed=4)
     assert torch.equal(s1.labeled, s2.labeled) and not torch.equal(s1.labeled, s3.labeled)
-    total = profile_counts(cfg, 4, 95)
+    total = profile_counts(cfg, 4, 100)  # val (5 per class) comes from the unused images
     lab = torch.bincount(y[s1.labeled], minlength=4).tolist()
     unl = torch.bincount(y[s1.unlabeled], minlength=4).tolist()
     assert lab == [math.ceil(0.1 * n) for n in total]
@@ -64,10 +64,11 @@ def test_multiple_split_has_k_times_the_labeled_total():
 
 
 def test_too_few_images_is_a_clear_error():
-    with pytest.raises(DataError, match="class 0 needs .* but has"):
+    with pytest.raises(DataError, match="class '0' .label 0. needs 80 images .* but has 50; "
+                                        "lower data.longtail.n_max"):
         make_splits(_labels(50), 4, ProfileCfg(n_max=80), SplitCfg(), 0, 0)
-    with pytest.raises(DataError, match="lower data.val_per_class"):
-        make_splits(_labels(5), 4, ProfileCfg(), SplitCfg(), 10, 0)
+    with pytest.raises(DataError, match="lower data.val_per_class"):  # the older protocol
+        make_splits(_labels(5), 4, ProfileCfg(), SplitCfg(), 10, 0, val_first=True)
 
 
 def test_cifar_folder_export_is_detected(registry, tmp_path):

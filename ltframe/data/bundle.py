@@ -69,6 +69,11 @@ class DataBundle:
         return class_counts(self.labeled_labels, self.num_classes)
 
     @property
+    def notes(self) -> list[str]:
+        """One-line remarks about the splits (e.g. classes with a short val split) to show."""
+        return self.splits.notes
+
+    @property
     def hidden_unlabeled_labels(self) -> Tensor:
         """True labels of the unlabeled set: diagnostics only, never for training."""
         return self.source.train_labels[self.splits.unlabeled]
@@ -76,14 +81,19 @@ class DataBundle:
 
 def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
                  smoke: bool = False) -> DataBundle:
-    """Make the splits of `source` described by the recipe's [data] table `cfg`."""
+    """Make the splits of `source` described by the recipe's [data] table `cfg`.
+
+    `smoke` makes the same splits with the same checks as a full run, then keeps at most 2 val
+    images per class and 8 test images per class.
+    """
     labels = source.train_labels
     separate_val = source.val_labels is not None
     val_per_class = 0 if separate_val else cfg.val_per_class
-    if smoke:  # small data slices: keep at most 2 validation images per class
-        val_per_class = min(val_per_class, 2)
     splits = make_splits(labels, source.num_classes, cfg.longtail, cfg.split, val_per_class, seed,
-                         strict=not smoke)
+                         classes=source.classes,
+                         val_first=getattr(cfg, "val_first", False))  # if the recipe has it
+    if smoke:
+        splits.val = _first_per_class(splits.val, labels, source.num_classes, 2)
     test_x, test_y = source.test_images, source.test_labels
     if smoke:  # a small balanced slice of the test set
         keep = torch.cat([(test_y == c).nonzero().flatten()[:8] for c in range(source.num_classes)])
@@ -102,6 +112,11 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
         val, val_index, val_labels = None, None, None
     return DataBundle(source, splits, store, ImageStore(test_x, device, on_dev, cfg.workers),
                       test_y, val, val_index, val_labels)
+
+
+def _first_per_class(idx: Tensor, labels: Tensor, num_classes: int, k: int) -> Tensor:
+    y = labels[idx]
+    return torch.cat([idx[y == c][:k] for c in range(num_classes)])
 
 
 def save_splits(bundle: DataBundle, run_dir: Path) -> None:

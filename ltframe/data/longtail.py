@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ltframe.config import param
-from ltframe.errors import DataError
+from ltframe.errors import DataError, RecipeError
 
 
 @dataclass
@@ -40,8 +40,15 @@ class SplitCfg:
     labeled_head: int = param(1500, ge=1)  # counts: N_1
     labeled_ratio: float = param(100.0, ge=1)  # counts: gamma_l
     unlabeled_head: int = param(3000, ge=0)  # counts: M_1
-    unlabeled_ratio: float = 100.0  # counts/multiple: gamma_u (negative = reversed order)
+    unlabeled_ratio: float = 100.0  # counts/multiple: gamma_u, |gamma_u| >= 1 (negative = reversed order)
     multiple: float = param(5.0, gt=0)  # multiple: unlabeled total = k x labeled total
+
+    def __post_init__(self) -> None:
+        if abs(self.unlabeled_ratio) < 1:
+            raise RecipeError(
+                f"data.split.unlabeled_ratio: {self.unlabeled_ratio:g} is out of range; it must be "
+                ">= 1, or <= -1 for the reversed (tail-first) order"
+            )
 
 
 @dataclass
@@ -51,6 +58,7 @@ class Splits:
     labeled: Tensor
     unlabeled: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     val: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the run's log
 
 
 def profile_counts(cfg: ProfileCfg, num_classes: int, available: int, seed: int = 0) -> list[int]:
@@ -88,25 +96,45 @@ def make_splits(
     split: SplitCfg,
     val_per_class: int,
     seed: int,
-    strict: bool = True,
+    *,
+    classes: list[str] | None = None,
+    val_first: bool = False,
 ) -> Splits:
-    """Draw the long-tailed labeled/unlabeled split (and a balanced val split) from `labels`.
+    """Draw the long-tailed labeled/unlabeled split and a balanced val split from `labels`.
 
-    Each class's images are shuffled with `seed`; the val split (if asked) takes the first
-    `val_per_class` of each class, then labeled, then unlabeled images follow in that order,
-    so the three sets never overlap. With `strict=False` counts are clamped to what exists.
+    Each class's images are shuffled with `seed`; labeled, then unlabeled images are taken from
+    the front. The val split takes up to `val_per_class` of the images each class has left over,
+    so labeled/unlabeled are the same for every `val_per_class`; a class with fewer spare images
+    gets fewer val images, said in `Splits.notes`. `val_first=True` is the older protocol: val is
+    carved first and the profile is drawn from what remains. `classes` names the classes in messages.
+    Raises DataError when a class has no images or the split needs more than a class has.
     """
+    names = classes or [str(c) for c in range(num_classes)]
     g = torch.Generator().manual_seed(seed)
     pools = []
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         pools.append(idx[torch.randperm(idx.numel(), generator=g)])
-    available = [p.numel() - val_per_class for p in pools]
-    if min(available) < 1:
+    empty = [c for c, p in enumerate(pools) if p.numel() == 0]
+    if empty:
+        c = empty[0]
+        also = f" (nor do {len(empty) - 1} more classes)" if len(empty) > 1 else ""
         raise DataError(
-            f"a class has {min(p.numel() for p in pools)} images, too few for val_per_class="
-            f"{val_per_class}; lower data.val_per_class"
+            f"class {names[c]!r} (label {c}) has no training images{also}; add training images "
+            f"of that class, or remove empty classes so the labels run 0..{num_classes - 1 - len(empty)}"
+            " without gaps"
         )
+    val_pools: list[Tensor] = []
+    if val_first:
+        val_pools = [p[:val_per_class] for p in pools]
+        pools = [p[val_per_class:] for p in pools]
+        c = min(range(num_classes), key=lambda k: pools[k].numel())
+        if pools[c].numel() == 0:
+            raise DataError(
+                f"class {names[c]!r} has {val_pools[c].numel()} images, too few for "
+                f"data.val_per_class = {val_per_class} carved first; lower data.val_per_class"
+            )
+    available = [p.numel() for p in pools]
 
     if split.name == "counts":
         lab = _signed_profile(split.labeled_head, split.labeled_ratio, num_classes)
@@ -125,20 +153,38 @@ def make_splits(
             unl = [int(round(s * scale)) for s in shape]
     need = [a + b for a, b in zip(lab, unl, strict=True)]
     short = [c for c in range(num_classes) if need[c] > available[c]]
-    if short and strict:
+    if short:
         c = short[0]
+        fix = {"counts": "data.split.labeled_head or data.split.unlabeled_head",
+               "multiple": "data.longtail.n_max or data.split.multiple"}.get(
+                   split.name, "data.longtail.n_max")
+        if val_first and val_per_class:
+            fix += " or data.val_per_class"
         raise DataError(
-            f"class {c} needs {need[c]} images ({lab[c]} labeled + {unl[c]} unlabeled) but has "
-            f"{available[c]}; lower the profile's n_max or the split's heads, or use a bigger source"
+            f"class {names[c]!r} (label {c}) needs {need[c]} images ({lab[c]} labeled + "
+            f"{unl[c]} unlabeled) but has {available[c]}; lower {fix}, or use a bigger source"
         )
     labeled, unlabeled, val = [], [], []
     for c, pool in enumerate(pools):
-        val.append(pool[:val_per_class])
-        rest = pool[val_per_class:]
-        n_l = min(lab[c], rest.numel())
-        labeled.append(rest[:n_l])
-        unlabeled.append(rest[n_l:n_l + unl[c]])
-    return Splits(torch.cat(labeled), torch.cat(unlabeled), torch.cat(val))
+        labeled.append(pool[:lab[c]])
+        unlabeled.append(pool[lab[c]:need[c]])
+        val.append(val_pools[c] if val_first else pool[need[c]:need[c] + val_per_class])
+    return Splits(torch.cat(labeled), torch.cat(unlabeled), torch.cat(val),
+                  notes=_val_notes([v.numel() for v in val], val_per_class, names))
+
+
+def _val_notes(got: list[int], val_per_class: int, names: list[str]) -> list[str]:
+    short = [c for c, n in enumerate(got) if n < val_per_class]
+    if not short:
+        return []
+    if len(short) == 1:
+        c = short[0]
+        return [f"val split: class {names[c]!r} has only {got[c]} spare images (the long-tailed "
+                f"split uses the rest), so it gets {got[c]} of data.val_per_class = {val_per_class}"]
+    listed = ", ".join(f"{names[c]!r} {got[c]}" for c in short[:5])
+    more = ", ..." if len(short) > 5 else ""
+    return [f"val split: {len(short)} classes have fewer than data.val_per_class = {val_per_class} "
+            f"spare images (the long-tailed split uses the rest) and get only: {listed}{more}"]
 
 
 def class_counts(labels: Tensor, num_classes: int) -> Tensor:
