@@ -7,6 +7,7 @@ other keys must match that component's Params dataclass.
 from __future__ import annotations
 
 import copy
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ class DataCfg:
     source: ComponentSpec = _c("source", "synthetic")
     longtail: ProfileCfg = field(default_factory=ProfileCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
-    val_per_class: int = param(0, ge=0)  # balanced validation split carved from the training pool
+    val_per_class: int = param(0, ge=0)  # balanced val split from images the LT subset leaves unused
+    val_first: bool = False  # older protocol: val carved first, the profile from the rest
     batch_size: int = param(128, ge=1)
     workers: int = param(4, ge=0)  # threads decoding file-backed images
     on_device: Literal["auto", "yes", "no"] = "auto"  # keep uint8 images on the GPU
@@ -130,8 +132,7 @@ class Recipe:
             "eval": to_plain(self.eval),
             "stage": [to_plain(s) for s in self.stages],
         }
-        for table, opt in zip(out["stage"], self.stage_optims, strict=True):
-            table["optim"] = _optim_table(opt)
+        # stage `optim` tables stay overrides of [optim], so `--set optim.lr=...` reaches them
         return out
 
     def to_toml(self) -> str:
@@ -146,15 +147,22 @@ def _optim_table(opt: OptimCfg) -> dict[str, Any]:
     return {**opt.optimizer.to_table(), "schedule": opt.schedule.to_table()}
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, referrer: str | Path | None = None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
+        if referrer is not None:
+            raise RecipeError(f"{referrer}: extends = \"{p.name}\" but {p} does not exist; "
+                              "fix the path (it is relative to the recipe that extends it)")
         raise RecipeError(f"recipe {p} not found; check the path (recipes live in recipes/)")
     try:
         with p.open("rb") as fh:
-            return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+            data = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: invalid TOML: {exc}") from None
+    if not data:
+        raise RecipeError(f"recipe {p} is empty; a recipe needs at least a [[stage]] table "
+                          "(start from recipes/quickstart.toml)")
+    return data
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -178,7 +186,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if not isinstance(ext, str):
         raise RecipeError(f"extends: expected a file name (string), got {ext!r}")
     base_path = (Path(path).parent / ext).resolve()
-    base = read_toml(base_path)
+    base = read_toml(base_path, referrer=path)
     if "extends" in base:
         raise RecipeError(f"{base_path}: extends may only be one level deep; merge the files")
     return merge(base, data)
@@ -271,6 +279,8 @@ def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
         if stage.optim.get("name", base["name"]) != base["name"]:  # another optimizer
             base = {"schedule": optim_raw.get("schedule", {"name": "constant"})}
         stage_optims.append(_resolve_optim(registry, merge(base, stage.optim), f"{path}.optim"))
+    _check_plain_name(run.name)
+    _check_backbone_args(model.backbone_args)
     heads = ", ".join(model.heads)
     if model.eval_head not in model.heads:
         raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads ({heads})")
@@ -280,6 +290,26 @@ def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
                               f"({heads}){closest(stage.eval_head, model.heads)}")
     ev = from_dict(EvalCfg, raw.get("eval"), "eval", resolver)
     return Recipe(run, data, model, optim, scheduler, stages, ev, stage_optims, raw)
+
+
+def _check_plain_name(name: str) -> None:
+    """run.name becomes a folder under --out: no separators, no '..', no absolute path."""
+    ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name) is not None and ".." not in name
+    if not ok:
+        raise RecipeError(f"run.name: {name!r} is not a plain name; use letters, digits and "
+                          "'._+-' (the run directory is OUT/NAME; choose the folder with --out)")
+
+
+#: timm keyword arguments that make it read a file (timm unpickles some formats)
+_FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "file", "url")
+
+
+def _check_backbone_args(args: dict[str, Any]) -> None:
+    for key in args:
+        if key in _FILE_ARGS or key.endswith(("_path", "_file", "_url")):
+            raise RecipeError(f"model.backbone_args.{key}: ltframe does not hand file paths or "
+                              "URLs to timm's loaders; remove it (pretrained = true fetches "
+                              "timm's published safetensors weights)")
 
 
 def load_recipe(

@@ -109,7 +109,13 @@ def test_decoupled_scheduler_derives_the_classifier_stage(tmp_path, classifier, 
     run_dir = Path(summary["run_dir"])
     a = load_file(str(run_dir / "checkpoints/stage0-rep.safetensors"))
     b = load_file(str(run_dir / f"checkpoints/stage1-{classifier}.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model.backbone."))
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    weights = [k for k in a if k.startswith("model.backbone.") and not k.endswith(stats)]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)  # frozen backbone
+    bn = [k for k in a if k.startswith("model.backbone.") and k.endswith("running_mean")]
+    # classifier-balancing re-estimates BN statistics on the class-balanced batches
+    moved = not all(torch.equal(a[k], b[k]) for k in bn)
+    assert moved == (classifier in ("crt", "lws"))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
     starts = [r for r in rows if r["event"] == "stage_start"]
     if classifier in ("crt", "lws"):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from ltframe import PseudoLabels, hookimpl, resume_run, start_run
 from ltframe.engine import checkpoint as ckpt
-from ltframe.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError
+from ltframe.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError, RunInterrupted
 from ltframe.registry import NoParams
 from ltframe.testing import HookRecorder, tiny_recipe
 
@@ -86,7 +86,8 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
         ],
     }
     full = Path(start_run(tiny_recipe(tmp_path / "a", **over))["run_dir"])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RunInterrupted, match=r"during step 5 of 6 \(4 completed\).*step-s0-00000004"
+                       r".*ltframe resume .*runs/tiny"):
         start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", _StopAt(5))])
     part = tmp_path / "b" / "runs" / "tiny"
     _, side, _ = ckpt.load(part)
@@ -132,13 +133,14 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_corrupt_checkpoint_is_reported_and_not_loaded(tmp_path):
     run_dir = Path(start_run(tiny_recipe(tmp_path))["run_dir"])
+    (run_dir / "summary.json").unlink()  # as if the run had stopped
+    for tfile in (run_dir / "checkpoints").glob("*.safetensors"):  # every checkpoint corrupt
+        data = bytearray(tfile.read_bytes())
+        data[-10:] = bytes(b ^ 0xFF for b in data[-10:])
+        tfile.write_bytes(bytes(data))
     latest = (run_dir / "checkpoints/latest").read_text().strip()
-    tfile = run_dir / "checkpoints" / f"{latest}.safetensors"
-    data = bytearray(tfile.read_bytes())
-    data[-10:] = bytes(b ^ 0xFF for b in data[-10:])
-    tfile.write_bytes(bytes(data))
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*corrupt"):
         resume_run(run_dir)
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files  # untouched
     (run_dir / "checkpoints" / f"{latest}.json").write_text("{not json")
@@ -148,6 +150,7 @@ def test_corrupt_checkpoint_is_reported_and_not_loaded(tmp_path):
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     run_dir = Path(start_run(tiny_recipe(tmp_path))["run_dir"])
+    (run_dir / "summary.json").unlink()  # as if the run had stopped
     with pytest.raises(CheckpointError, match="does not match this model.*unexpected heads.main.bias"):
         resume_run(run_dir, ["model.heads.main.bias=false"])
     with pytest.raises(DataError, match="split differs"):  # the data changed under the run

@@ -91,7 +91,7 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
     val_per_class = 0 if separate_val else cfg.val_per_class
     splits = make_splits(labels, source.num_classes, cfg.longtail, cfg.split, val_per_class, seed,
                          classes=source.classes,
-                         val_first=getattr(cfg, "val_first", False))  # if the recipe has it
+                         val_first=cfg.val_first)
     if smoke:
         splits.val = _first_per_class(splits.val, labels, source.num_classes, 2)
     test_x, test_y = source.test_images, source.test_labels

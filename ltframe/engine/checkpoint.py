@@ -24,6 +24,8 @@ from ltframe.errors import CheckpointError
 
 FORMAT = 1
 _TENSOR = "__tensor__"
+#: sidecar keys every checkpoint must have (besides format, tensors and sha256)
+REQUIRED = ("stage_index", "stage_name", "step", "history", "rng", "streams", "components")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -136,7 +138,11 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{side} is not an ltframe checkpoint sidecar (format "
                               f"{meta.get('format') if isinstance(meta, dict) else '?'})")
-    tfile = side.parent / meta["tensors"]
+    missing = [k for k in ("tensors", "sha256", *REQUIRED) if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint sidecar {side} lacks {', '.join(map(repr, missing))}; "
+                              "it was not written by this ltframe: use an earlier checkpoint")
+    tfile = side.parent / str(meta["tensors"])
     if not tfile.is_file():
         raise CheckpointError(f"checkpoint tensors {tfile} are missing (sidecar {side.name})")
     data = tfile.read_bytes()
@@ -148,6 +154,40 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], Path]:
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {tfile} cannot be read: {exc}") from None
     return tensors, meta, side
+
+
+def load_newest(run_dir: Path) -> tuple[dict[str, Tensor], dict[str, Any], Path,
+                                        list[tuple[Path, str]]]:
+    """The newest checkpoint of `run_dir` that loads and verifies: `latest` first, then the
+    others newest first. Returns (tensors, sidecar, sidecar path, [(skipped, reason)])."""
+    ck = run_dir / "checkpoints"
+    latest = ck / "latest"
+    sidecars = sorted(ck.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    if latest.is_file():
+        first = ck / f"{latest.read_text().strip()}.json"
+        sidecars = [first] + [p for p in sidecars if p != first]
+    if not sidecars:
+        raise CheckpointError(f"no checkpoint in {ck}; the run never finished an epoch, "
+                              "start it again")
+    skipped: list[tuple[Path, str]] = []
+    for side in sidecars:
+        try:
+            tensors, meta, path = load(side)
+        except CheckpointError as exc:
+            skipped.append((side, str(exc)))
+            continue
+        return tensors, meta, path, skipped
+    raise CheckpointError(f"no usable checkpoint in {ck}: {skipped[0][1]}; start the run again")
+
+
+def nonfinite(tensors: dict[str, Tensor], prefixes: tuple[str, ...] = ("model.", "ema.")
+              ) -> list[str]:
+    """Names of floating-point tensors under `prefixes` holding NaN or infinity."""
+    names = [k for k, v in tensors.items() if k.startswith(prefixes) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+    return [k for k, ok in zip(names, finite, strict=True) if not ok]
 
 
 def load_module_state(module: torch.nn.Module, tensors: dict[str, Tensor], prefix: str,

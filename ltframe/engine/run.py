@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from ltframe.engine.setup import (
     write_run_files,
 )
 from ltframe.engine.trainer import Trainer
-from ltframe.errors import LtframeError
+from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterrupted
 from ltframe.models import LTModel
 from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
 from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
@@ -65,9 +68,17 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
             partial = resume
     run.pm.hook.ltframe_run_start(run=run)
     t0 = time.perf_counter()
-    while (plan := scheduler.next_stage(trainer.history)) is not None:
-        trainer.run_stage(plan, partial)
-        partial = None
+    try:
+        while (plan := scheduler.next_stage(trainer.history)) is not None:
+            trainer.run_stage(plan, partial)
+            partial = None
+    except KeyboardInterrupt:
+        stage, step, total = trainer.position
+        kept = (f"the last checkpoint is {trainer.last_checkpoint.stem}"
+                if trainer.last_checkpoint else "the newest checkpoint on disk is kept")
+        raise RunInterrupted(f"interrupted in stage '{stage}' during step {step + 1} of {total} "
+                             f"({step} completed); {kept}. "
+                             f"Continue with: ltframe resume {run.run_dir}") from None
     if not trainer.history:
         raise LtframeError("the stage scheduler produced no stage; add a [[stage]] table")
     final = trainer.history[-1]
@@ -109,12 +120,29 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
     run.run_dir = run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
     reporter = reporter or Reporter()
     reporter.message(f"run directory: {run_dir}")
+    for line in run.data.notes:
+        reporter.message(line)
     write_run_files(run_dir, recipe, plugin_versions(pm),
                     {"smoke": smoke, "blocked": sorted(block or []),
                      "recipe": str(recipe_path) if recipe_path else None,
                      "overrides": list(overrides or [])})
     save_splits(run.data, run_dir)
-    return _execute(run, reporter, None)
+    return _guarded(run_dir, lambda: _execute(run, reporter, None))
+
+
+def _guarded(run_dir: Path, body: Callable[[], dict]) -> dict:
+    """Run `body`; an unexpected exception gets its traceback written to RUN_DIR/error.log
+    (named by the exception's `ltframe_log` attribute) before it propagates."""
+    try:
+        return body()
+    except (LtframeError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log = run_dir / "error.log"
+        with open(log, "a") as fh:
+            fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}")
+        exc.ltframe_log = log  # type: ignore[attr-defined]
+        raise
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None,
@@ -131,30 +159,61 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None,
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
+               from_checkpoint: str | Path | None = None,
                plugins: list[tuple[str, object]] | None = None,
                reporter: Reporter | None = None) -> dict:
-    """Continue a run from its latest checkpoint; bit-for-bit on the same machine."""
+    """Continue a run from its newest valid checkpoint (or `from_checkpoint`); bit-for-bit on
+    the same machine. A finished run is left untouched and its summary returned."""
     run_dir = Path(run_dir)
+    reporter = reporter or Reporter()
     recipe, meta, pm, registry = load_run(run_dir, overrides, plugins)
-    tensors, side, path = ckpt.load(run_dir)
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        reporter.message(f"{run_dir} is finished (summary.json exists); nothing was changed. "
+                         "Start a new run, or re-evaluate with `ltframe eval RUN_DIR --set eval...`")
+        return json.loads(summary_file.read_text())
+    if from_checkpoint is not None:
+        tensors, side, path = ckpt.load(from_checkpoint)
+        if path.parent.parent.resolve() != run_dir.resolve():
+            raise CheckpointError(f"--from {from_checkpoint} is not a checkpoint of {run_dir}")
+    else:
+        tensors, side, path, skipped = ckpt.load_newest(run_dir)
+        for bad, reason in skipped:
+            reporter.message(f"skipped checkpoint {bad.name}: {reason}")
     run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
     check_splits(run.data, run_dir)
-    reporter = reporter or Reporter()
-    reporter.message(f"resuming {run_dir} from {path.name} (stage {side['stage_index']}, "
+    reporter.message(f"resuming {run_dir} from {path.stem} (stage {side['stage_index']}, "
                      f"step {side['step']})")
+    _truncate_metrics(run_dir, side.get("metrics_bytes"))
     if overrides:
         ckpt.atomic_write_text(run_dir / "resolved.toml", recipe.to_toml())
-    return _execute(run, reporter, (tensors, side))
+    meta.setdefault("resumes", []).append({"checkpoint": path.stem, "overrides": list(overrides or []),
+                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    ckpt.atomic_write_json(run_dir / "run.json", meta)
+    return _guarded(run_dir, lambda: _execute(run, reporter, (tensors, side)))
 
 
-def evaluate_checkpoint(target: str | Path) -> dict:
-    """Evaluate a run directory's latest checkpoint, or a given checkpoint file."""
+def _truncate_metrics(run_dir: Path, size: int | None) -> None:
+    """Drop metrics.jsonl lines written after the checkpoint being resumed (no duplicates)."""
+    f = run_dir / "metrics.jsonl"
+    if size is None or not f.is_file() or f.stat().st_size <= size:
+        return
+    ckpt.atomic_write_bytes(f, f.read_bytes()[:size])
+
+
+def evaluate_checkpoint(target: str | Path, overrides: list[str] | None = None) -> dict:
+    """Evaluate a run directory's latest checkpoint, or a given checkpoint file, on the test
+    set; `overrides` may change `[eval]` values (e.g. eval.posthoc_tau=[0, 1]) only."""
     from ltframe.eval.evaluate import evaluate_logits, predict
 
+    for item in overrides or []:
+        if not item.strip().startswith("eval."):
+            raise RecipeError(f"ltframe eval --set {item}: only [eval] values can change without "
+                              "retraining (e.g. --set eval.posthoc_tau=1); use `ltframe run` for the rest")
     target = Path(target)
     side_path = ckpt.resolve(target)
     run_dir = side_path.parent.parent
-    recipe, meta, pm, registry = load_run(run_dir)
+    recipe, meta, pm, registry = load_run(run_dir, overrides)
     tensors, side, _ = ckpt.load(side_path)
     run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
     prefix = "ema" if side.get("ema") and side.get("step", 0) > 0 else "model"

@@ -50,6 +50,7 @@ class Trainer:
         self.ckpt_dir = run.run_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.images_per_s: float | None = None
+        self.position: tuple[str, int, int] = ("", 0, 0)  # (stage, step being run, total)
 
     # --- metrics file ---------------------------------------------------------------------
     def log(self, event: str, **data: Any) -> None:
@@ -266,6 +267,7 @@ class Trainer:
         last_good = start
 
         for step in range(start, total):
+            self.position = (plan.name, step, total)
             epoch = step // spe
             if step % spe == 0:
                 hook.ltframe_epoch_start(run=self.run, stage=plan, epoch=epoch)
@@ -380,7 +382,8 @@ class Trainer:
         raise NonFiniteLossError(
             f"non-finite loss in stage '{plan.name}' between steps {last_good} and {done} "
             f"(summed terms: {terms}); {kept}. Lower optim.lr, check the data and loss "
-            "weights, or set run.precision = \"fp32\"; then `ltframe resume RUN_DIR --set ...`"
+            "weights, or set run.precision = \"fp32\"; then "
+            f"`ltframe resume {self.run.run_dir} --set optim.lr=...`"
         )
 
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
@@ -395,6 +398,15 @@ class Trainer:
         rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        bad = ckpt.nonfinite(tensors)
+        if bad:
+            kept = (f"the last good checkpoint {self.last_checkpoint} is kept"
+                    if self.last_checkpoint else "no checkpoint had been written yet")
+            self.log("error", stage=plan.name, step=step, error="non-finite weights", tensors=bad[:5])
+            raise NonFiniteLossError(
+                f"the weights became non-finite in stage '{plan.name}' by step {step} "
+                f"({', '.join(bad[:3])}); {kept}. Lower optim.lr or set run.precision = \"fp32\"; "
+                f"then `ltframe resume {self.run.run_dir} --set optim.lr=...`")
         comps = {n: c.state_dict() for n, c in self.components.items() if hasattr(c, "state_dict")}
         meta = {
             "stage_index": plan.index + 1 if next_stage else plan.index,
@@ -409,9 +421,14 @@ class Trainer:
             "rng": ckpt.flatten_state(rng, "rng", tensors),
             "components": ckpt.flatten_state(comps, "component", tensors),
             "ema": ema is not None,
+            "metrics_bytes": self._metrics_size(),
         }
         stem = stem or f"step-s{plan.index}-{step:08d}"
         self.last_checkpoint = ckpt.save(self.ckpt_dir, stem, tensors, meta)
+
+    def _metrics_size(self) -> int:
+        f = self.run.run_dir / "metrics.jsonl"
+        return f.stat().st_size if f.is_file() else 0
 
     def restore(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Model weights, RNG states and history from a checkpoint (optimizer: in run_stage)."""

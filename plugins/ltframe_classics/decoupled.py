@@ -4,6 +4,9 @@ the frozen backbone (Kang et al. 2020, facebookresearch/classifier-balancing).
 Stage 1 is the recipe's first [[stage]]. Stage 2 is derived from it:
 - crt: re-initialise the head, class-aware sampler (4 per class), cosine lr, `epochs` epochs;
 - lws: train only the per-class scales of an `lws` head, class-aware sampler;
+  in both, the frozen backbone runs in train mode (`frozen_bn = "update"`): its BatchNorm
+  statistics are re-estimated on the class-balanced batches, as in classifier-balancing's
+  run_networks.py (`fix` only turns off gradients; every network is put in train() each epoch);
 - tau_norm: no training; tau searched on the val split (`tau_norm` head);
 - ncm: no training; class means of the frozen features (an `ncm` head, used for evaluation).
 A second [[stage]] in the recipe, if present, is used as is instead (full control).
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ltframe.builtin.optim import CosineParams
-from ltframe.config import ComponentSpec
+from ltframe.config import ComponentSpec, param
 from ltframe.engine.stages import StagePlan
 from ltframe.recipe import OptimCfg, StageCfg
 from ltframe.registry import Registry
@@ -26,10 +29,11 @@ from ltframe_classics.samplers import ClassAwareParams
 @dataclass
 class DecoupledParams:
     classifier: Literal["crt", "lws", "tau_norm", "ncm"] = "crt"
-    epochs: int = 10  # classifier stage (crt, lws)
+    epochs: int = param(10, ge=1)  # classifier stage (crt, lws)
     head: str = "main"  # the head re-balanced (ncm: the ncm head evaluated)
-    per_class: int = 4  # class-aware sampler
-    lr: float = 0.0  # classifier stage lr; 0 = the representation stage's lr
+    per_class: int = param(4, ge=1)  # class-aware sampler
+    lr: float = param(0.0, ge=0)  # classifier stage lr; 0 = the representation stage's lr
+    frozen_bn: Literal["frozen", "update"] = "update"  # the frozen backbone's BatchNorm (crt, lws)
 
 
 class Decoupled:
@@ -47,7 +51,7 @@ class Decoupled:
         sampler = ComponentSpec("sampler", "class_aware", ClassAwareParams(per_class=p.per_class))
         common: dict[str, Any] = dict(name=p.classifier, steps=0, ema=0.0, reset=[], fit=[])
         if p.classifier in ("crt", "lws"):
-            common.update(epochs=p.epochs, sampler=sampler, data="labeled",
+            common.update(epochs=p.epochs, sampler=sampler, data="labeled", frozen_bn=p.frozen_bn,
                           train=[head] if p.classifier == "crt" else [f"{head}.scale"],
                           reset=[head] if p.classifier == "crt" else [])
         else:
