@@ -39,3 +39,7 @@ def closest(word: str, choices: Iterable[str]) -> str:
 def allowed(choices: Iterable[str]) -> str:
     items = sorted(choices)
     return ", ".join(items) if items else "(none)"
+
+
+class RunInterrupted(LtframeError):
+    """The user interrupted a run; the message names the step and the resume command."""
