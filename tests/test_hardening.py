@@ -174,3 +174,18 @@ def test_frozen_bn_option_keeps_or_updates_statistics(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in params)
         moved[mode] = not all(torch.equal(a[k], b[k]) for k in stats)
     assert moved == {"frozen": False, "update": True}
+
+
+def test_out_that_is_a_file_and_corrupt_run_json_are_named(tmp_path):
+    from ltframe import resume_run
+    from ltframe.errors import LtframeError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LtframeError, match="is a file, not a folder"):
+        start_run(tiny_recipe(tmp_path), out_dir=blocker)
+    run_dir = Path(start_run(tiny_recipe(tmp_path))["run_dir"])
+    (run_dir / "summary.json").unlink()
+    (run_dir / "run.json").write_text("{broken")
+    with pytest.raises(LtframeError, match="run.json is corrupt"):
+        resume_run(run_dir)

@@ -31,12 +31,22 @@ def pick_device(name: str) -> torch.device:
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """out_dir/name, or name-1, name-2, ... so an earlier run is never overwritten."""
-    base = Path(out_dir) / name
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LtframeError(f"--out {out} is a file, not a folder; pass a folder for run directories")
+    base = out / name
     path, i = base, 0
     while path.exists() and any(path.iterdir()):
         i += 1
         path = base.with_name(f"{name}-{i}")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LtframeError(f"cannot write the run directory {path} ({exc.strerror}); pass a "
+                           "writable folder with --out (or set run.out_dir)") from None
     return path
 
 
@@ -68,7 +78,14 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
     if not f.is_file() or not (run_dir / "resolved.toml").is_file():
         raise LtframeError(f"{run_dir} is not an ltframe run directory (no run.json / "
                            "resolved.toml); pass the folder that `ltframe run` created")
-    return json.loads(f.read_text())
+    try:
+        meta = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LtframeError(f"{f} is corrupt ({exc}); it records how the run was started: restore "
+                           "it from a backup, or start a new run from the recipe") from None
+    if not isinstance(meta, dict):
+        raise LtframeError(f"{f} is corrupt (not a JSON object); restore it or start a new run")
+    return meta
 
 
 def build_data(recipe: Recipe, registry: Registry, device: torch.device,
