@@ -69,7 +69,7 @@ class Trainer:
         """Trainable parts get gradients. Frozen parts keep their weights; with
         `frozen_bn = "frozen"` they run in eval mode (BatchNorm uses and keeps its running
         statistics), with "update" in train mode (BatchNorm normalises with batch statistics and
-        updates its running statistics, as classifier-balancing's cRT/LWS stages do)."""
+        updates its running statistics on the stage's batches)."""
         self.model.train()
         self.model.requires_grad_(False)
         for t in train:

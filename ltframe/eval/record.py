@@ -1,7 +1,6 @@
-"""The number a stage reports from its evaluations: the last one, the best one, or the mean of
-the last k — papers differ (LDAM-DRW and paper 001's code print the best test top-1 over epochs;
-CReST/FixMatch-style code averages the last evaluations). The last evaluation is always kept
-beside the chosen one."""
+"""The number a stage reports from its evaluations: the last one, the best one (highest top-1),
+or the mean of the last k — reference implementations differ, so a recipe says which protocol
+it follows. The last evaluation is always kept beside the chosen one."""
 
 from __future__ import annotations
 
