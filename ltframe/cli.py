@@ -1,22 +1,32 @@
-"""Command line: ltframe run | resume | eval | show | plugins | components."""
+"""Command line: ltframe run | resume | eval | show | plugins | components.
+
+Start-up stays light: only click and rich are imported at module level; the engine (torch,
+timm, torchvision) is imported inside the commands that need it, so `ltframe --help` answers
+at once. Every error ends in one `error: ...` line; `ltframe --debug ...` shows tracebacks.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
-from ltframe.config import params_help
 from ltframe.engine.report import Reporter
-from ltframe.errors import LtframeError
+from ltframe.errors import LtframeError, allowed, closest
 
 console = Console(stderr=True)
 out = Console()
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class RichReporter(Reporter):
@@ -24,16 +34,24 @@ class RichReporter(Reporter):
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.bar: Progress | None = None
+        self.bar: Any = None
         self.task: Any = None
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            console.print(f"[dim]{text}[/dim]")
+            console.print(f"[dim]{escape(text)}[/dim]")
 
     def stage_start(self, name: str, total_steps: int, start_step: int) -> None:
         if self.quiet:
             return
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self.bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
@@ -53,7 +71,7 @@ class RichReporter(Reporter):
         if not self.quiet:
             console.print(f"  {stage} epoch {epoch + 1}: top1 {metrics['top1']:.2f} "
                           f"many {_fmt(metrics.get('many'))} medium {_fmt(metrics.get('medium'))} "
-                          f"few {_fmt(metrics.get('few'))}")
+                          f"few {_fmt(metrics.get('few'))}", highlight=False)
 
     def stage_end(self, name: str) -> None:
         if self.bar is not None:
@@ -65,23 +83,162 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _metric_cells(m: dict[str, Any]) -> list[str]:
+    return [_fmt(m.get("top1")), _fmt(m.get("many")), _fmt(m.get("medium")), _fmt(m.get("few"))]
+
+
+def _report_label(summary: dict[str, Any]) -> str:
+    report = summary.get("report")
+    if report == "mean_last_k" and summary.get("evaluations"):
+        return f"mean of the last {summary['evaluations']} evaluations"
+    return f"{report} evaluation"
+
+
 def results_table(summary: dict[str, Any], title: str = "results") -> Table:
-    table = Table(title=title)
+    """One row of overall/many/medium/few top-1; one row per post-hoc tau when the summary has
+    `rows`; the title names the `report` ("best evaluation") and, when the reported number is
+    not the last evaluation, rows labelled "last" show the last evaluation beside it."""
+    report = summary.get("report")
+    if report:
+        title = f"{title} ({_report_label(summary)})"
+    last = summary.get("last") if report and report != "last" else None
+    blocks: list[tuple[str, dict[str, Any]]] = [(str(report or ""), summary)]
+    if last:
+        blocks.append(("last", last))
+    per_tau = any(m.get("rows") for _, m in blocks)
+    table = Table(title=title, min_width=len(title) + 2)  # the title stays on one line
+    if last:
+        table.add_column("")
+    if per_tau:
+        table.add_column("tau", justify="right")
     for col in ("overall", "many", "medium", "few"):
         table.add_column(col, justify="right")
-    table.add_row(_fmt(summary.get("top1")), _fmt(summary.get("many")),
-                  _fmt(summary.get("medium")), _fmt(summary.get("few")))
+    for label, metrics in blocks:
+        rows = metrics.get("rows")
+        lines = ([(f"{r['posthoc_tau']:g}", r) for r in rows] if rows
+                 else [(_fmt_tau(metrics.get("posthoc_tau")), metrics)])
+        for tau, m in lines:
+            cells = ([label] if last else []) + ([tau] if per_tau else []) + _metric_cells(m)
+            table.add_row(*cells)
     return table
 
 
-def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-    sys.exit(1)
+def _fmt_tau(tau: Any) -> str:
+    return "-" if tau is None else f"{tau:g}"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# --- errors -------------------------------------------------------------------------------
+
+
+def _error_line(message: str, code: int) -> None:
+    """Print `error: message` on one line (stderr) and exit with `code`."""
+    one_line = " ".join(str(message).split())
+    console.print(f"[bold red]error:[/bold red] {escape(one_line)}", highlight=False,
+                  soft_wrap=True)
+    sys.exit(code)
+
+
+def _traceback_file(exc: BaseException) -> Path:
+    """The file holding `exc`'s traceback: the run's error.log the engine attached, or a new
+    temporary file."""
+    log = getattr(exc, "ltframe_log", None)
+    if log is not None and Path(log).is_file():
+        return Path(log)
+    with tempfile.NamedTemporaryFile("w", prefix="ltframe-error-", suffix=".log",
+                                     delete=False) as fh:
+        fh.write(f"ltframe {' '.join(sys.argv[1:])}\n")
+        fh.write("".join(traceback.format_exception(exc)))
+    return Path(fh.name)
+
+
+def handle_error(exc: BaseException, debug: bool) -> None:
+    """Turn an exception escaping a command into output and an exit code (never returns)."""
+    if isinstance(exc, LtframeError):
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        from ltframe.errors import RunInterrupted
+
+        _error_line(str(exc) or type(exc).__name__,
+                    EXIT_INTERRUPTED if isinstance(exc, RunInterrupted) else 1)
+    if isinstance(exc, KeyboardInterrupt):
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        _error_line("interrupted", EXIT_INTERRUPTED)
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+        sys.exit(1)
+    text = " ".join(str(exc).split())
+    what = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    try:
+        where = f"traceback in {_traceback_file(exc)}"
+    except OSError as write_exc:  # not even a temp file: say so, keep the one line
+        where = f"traceback not saved: {write_exc}"
+    _error_line(f"internal error: {what} ({where}; run with --debug to see it)", 1)
+
+
+class LtframeGroup(click.Group):
+    """click group that turns every exception escaping a command into one `error:` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort,
+                SystemExit):
+            raise  # click's own usage errors and exits keep their behaviour
+        except (Exception, KeyboardInterrupt) as exc:
+            handle_error(exc, bool(ctx.params.get("debug")))
+
+
+# --- argument checks ----------------------------------------------------------------------
+
+
+def check_block(block: tuple[str, ...] | list[str]) -> list[str]:
+    """`--block NAME` must name an installed plugin (an entry point of `ltframe.plugins`)."""
+    from ltframe.plugins import _entry_points
+
+    installed = sorted({ep.name for ep in _entry_points()})
+    for name in block:
+        if name not in installed:
+            raise LtframeError(f"--block {name}: no installed plugin is called '{name}'"
+                               f"{closest(name, installed)}; installed plugins: {allowed(installed)}")
+    return list(block)
+
+
+def check_out_dir(out_dir: str | None) -> None:
+    """`--out` must be a folder (or not exist yet) in a place we can write to."""
+    if out_dir is None:
+        return
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LtframeError(f"--out {out_dir}: is a file, not a folder; give a folder for the run "
+                           "directories (it is created if missing)")
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LtframeError(f"--out {out_dir}: {folder} is a file, not a folder; "
+                           "give a folder for the run directories")
+    problem = None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
+    if problem is None:
+        try:  # os.access says yes to root even on read-only mounts: really try
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".ltframe-write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem is not None:
+        raise LtframeError(f"--out {out_dir}: cannot write in the folder {folder} ({problem}); "
+                           "choose a folder you can write to")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+@click.group(cls=LtframeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ltframe")
-def main() -> None:
+@click.option("--debug", is_flag=True,
+              help="Show the full traceback of an error instead of the one-line message.")
+def main(debug: bool) -> None:
     """ltframe: long-tailed and semi-supervised long-tailed recognition from TOML recipes."""
 
 
@@ -96,14 +253,13 @@ def main() -> None:
 def run(recipe: str, overrides: tuple[str, ...], out_dir: str | None, smoke: bool,
         block: tuple[str, ...], quiet: bool) -> None:
     """Train and evaluate as RECIPE says; writes a run directory."""
+    blocked = check_block(block)
+    check_out_dir(out_dir)
     from ltframe.engine.run import start_run
 
     t0 = time.perf_counter()
-    try:
-        summary = start_run(recipe, list(overrides), out_dir=out_dir, smoke=smoke,
-                            block=list(block), reporter=RichReporter(quiet))
-    except (LtframeError, KeyboardInterrupt) as exc:
-        _fail(exc if str(exc) else RuntimeError("interrupted"))
+    summary = start_run(recipe, list(overrides), out_dir=out_dir, smoke=smoke,
+                        block=blocked, reporter=RichReporter(quiet))
     _finish(summary, time.perf_counter() - t0)
 
 
@@ -118,32 +274,32 @@ def _finish(summary: dict[str, Any], seconds: float) -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change a value before continuing (e.g. a lower optim.lr after a NaN).")
+@click.option("--from", "from_checkpoint", default=None, metavar="CHECKPOINT",
+              help="Continue from this checkpoint of RUN_DIR instead of the newest valid one.")
 @click.option("--quiet", "-q", is_flag=True)
-def resume(run_dir: str, overrides: tuple[str, ...], quiet: bool) -> None:
-    """Continue RUN_DIR from its latest checkpoint."""
+def resume(run_dir: str, overrides: tuple[str, ...], from_checkpoint: str | None,
+           quiet: bool) -> None:
+    """Continue RUN_DIR from its latest checkpoint (or --from CHECKPOINT)."""
     from ltframe.engine.run import resume_run
 
     t0 = time.perf_counter()
-    try:
-        summary = resume_run(run_dir, list(overrides), reporter=RichReporter(quiet))
-    except (LtframeError, KeyboardInterrupt) as exc:
-        _fail(exc)
+    summary = resume_run(run_dir, list(overrides), from_checkpoint=from_checkpoint,
+                         reporter=RichReporter(quiet))
     _finish(summary, time.perf_counter() - t0)
 
 
 @main.command(name="eval")
 @click.argument("target", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change an [eval] value, e.g. --set eval.posthoc_tau=[0,1] (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(target: str, as_json: bool) -> None:
+def eval_cmd(target: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Evaluate a run directory (latest checkpoint) or a checkpoint file on the test set."""
     import json
 
     from ltframe.engine.run import evaluate_checkpoint
 
-    try:
-        metrics = evaluate_checkpoint(target)
-    except LtframeError as exc:
-        _fail(exc)
+    metrics = evaluate_checkpoint(target, list(overrides))
     if as_json:
         click.echo(json.dumps(metrics))
     else:
@@ -160,11 +316,8 @@ def show(recipe: str, overrides: tuple[str, ...], block: tuple[str, ...]) -> Non
     from ltframe.plugins import make_plugin_manager
     from ltframe.recipe import load_recipe
 
-    try:
-        _, registry = make_plugin_manager(block)
-        click.echo(load_recipe(recipe, registry, list(overrides)).to_toml(), nl=False)
-    except LtframeError as exc:
-        _fail(exc)
+    _, registry = make_plugin_manager(check_block(block))
+    click.echo(load_recipe(recipe, registry, list(overrides)).to_toml(), nl=False)
 
 
 @main.command()
@@ -173,10 +326,7 @@ def plugins(block: tuple[str, ...]) -> None:
     """List installed plugins with their versions."""
     from ltframe.plugins import list_plugins, make_plugin_manager
 
-    try:
-        pm, _ = make_plugin_manager(block)
-    except LtframeError as exc:
-        _fail(exc)
+    pm, _ = make_plugin_manager(check_block(block))
     table = Table(title="ltframe plugins")
     for col in ("plugin", "module", "distribution", "version"):
         table.add_column(col)
@@ -192,13 +342,11 @@ def plugins(block: tuple[str, ...]) -> None:
 @click.option("--block", multiple=True, metavar="PLUGIN")
 def components(kind: str | None, block: tuple[str, ...]) -> None:
     """List registered components (of KIND), their plugin and parameters with defaults."""
+    from ltframe.config import params_help
     from ltframe.plugins import make_plugin_manager
 
-    try:
-        _, registry = make_plugin_manager(block)
-        entries = registry.entries(kind)
-    except LtframeError as exc:
-        _fail(exc)
+    _, registry = make_plugin_manager(check_block(block))
+    entries = registry.entries(kind)
     table = Table(title=f"ltframe components{f' ({kind})' if kind else ''}")
     for col in ("kind", "name", "plugin", "parameters (default)", "description"):
         table.add_column(col, overflow="fold")

@@ -1,8 +1,11 @@
 """The command line: run/resume/eval/show/plugins/components and one-line errors."""
 
 import json
+import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,267 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "ltframe", "--help"], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).parent)
     assert "resume" in out.stdout and "components" in out.stdout
+
+
+# --- unexpected errors, --debug, interrupts -------------------------------------------------
+
+INTERNAL = re.compile(r"error: internal error: (?P<what>.+) \(traceback in (?P<file>\S+); "
+                      r"run with --debug to see it\)")
+
+
+def error_lines(res):
+    return [x for x in res.output.strip().splitlines() if x.strip()]
+
+
+def raiser(exc):
+    def fn(*args, **kwargs):
+        raise exc
+    return fn
+
+
+def test_unexpected_error_is_one_line_naming_a_temp_traceback_file(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+
+    monkeypatch.setattr(engine, "start_run", raiser(ValueError("bad\nvalue")))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the temp file lands here
+    res = invoke("run", tiny_recipe(tmp_path))
+    assert res.exit_code == 1
+    lines = error_lines(res)
+    assert len(lines) == 1 and "Traceback" not in res.output
+    m = INTERNAL.fullmatch(lines[0])
+    assert m and m["what"] == "ValueError: bad value", lines[0]
+    log = Path(m["file"])
+    assert log.parent == tmp_path and log.name.startswith("ltframe-error-")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "ValueError: bad" in text
+
+
+def test_unexpected_error_in_a_run_names_the_run_error_log(tmp_path, monkeypatch):
+    from ltframe.engine.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "run_stage", raiser(RuntimeError("kaboom")))
+    res = invoke("run", tiny_recipe(tmp_path), "--quiet")
+    assert res.exit_code == 1
+    lines = error_lines(res)
+    m = INTERNAL.fullmatch(lines[-1])
+    assert len(lines) == 1 and m and m["what"] == "RuntimeError: kaboom", res.output
+    assert Path(m["file"]) == tmp_path / "runs" / "tiny" / "error.log"
+    assert "RuntimeError: kaboom" in Path(m["file"]).read_text()
+
+
+def test_engine_attached_log_is_named_and_no_temp_file_is_written(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+
+    log = tmp_path / "run" / "error.log"
+    log.parent.mkdir()
+    log.write_text("Traceback ...\nKeyError: 'x'\n")
+    exc = KeyError("x")
+    exc.ltframe_log = log
+    monkeypatch.setattr(engine, "resume_run", raiser(exc))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    res = invoke("resume", tmp_path / "run")
+    assert res.exit_code == 1
+    assert error_lines(res) == [f"error: internal error: KeyError: 'x' (traceback in {log}; "
+                                "run with --debug to see it)"]
+    assert not (tmp_path / "tmp").exists()
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+
+    monkeypatch.setattr(engine, "start_run", raiser(ValueError("bad value")))
+    res = invoke("--debug", "run", tiny_recipe(tmp_path))
+    assert res.exit_code == 1
+    assert "Traceback (most recent call last)" in res.output and "ValueError: bad value" in res.output
+    assert "run with --debug" not in res.output
+    assert "--debug" in invoke("--help").output
+
+
+def test_interrupted_run_exits_130_with_the_resume_command(tmp_path, monkeypatch):
+    from ltframe.engine.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "run_stage", raiser(KeyboardInterrupt()))
+    res = invoke("run", tiny_recipe(tmp_path), "--quiet")
+    assert res.exit_code == 130, res.output
+    lines = error_lines(res)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted in stage")
+    assert lines[0].endswith(f"ltframe resume {run_dir}") and "Traceback" not in res.output
+
+
+def test_run_interrupted_from_resume_exits_130(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+    from ltframe.errors import RunInterrupted
+
+    msg = "interrupted in stage 'train' at step 3; Continue with: ltframe resume runs/tiny"
+    monkeypatch.setattr(engine, "resume_run", raiser(RunInterrupted(msg)))
+    res = invoke("resume", tmp_path)
+    assert res.exit_code == 130 and error_lines(res) == [f"error: {msg}"]
+
+
+def test_bare_keyboard_interrupt_outside_a_run_exits_130(tmp_path, monkeypatch):
+    import ltframe.recipe
+
+    monkeypatch.setattr(ltframe.recipe, "load_recipe", raiser(KeyboardInterrupt()))
+    res = invoke("show", tiny_recipe(tmp_path))
+    assert res.exit_code == 130 and error_lines(res) == ["error: interrupted"]
+    import ltframe.engine.run as engine
+
+    monkeypatch.setattr(engine, "start_run", raiser(KeyboardInterrupt()))
+    res = invoke("run", tiny_recipe(tmp_path))
+    assert res.exit_code == 130 and error_lines(res) == ["error: interrupted"]
+
+
+def test_ltframe_error_message_keeps_brackets_and_stays_one_line(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+    from ltframe.errors import RecipeError
+
+    monkeypatch.setattr(engine, "start_run", raiser(RecipeError("stage[0].epochs: expected int")))
+    res = invoke("run", tiny_recipe(tmp_path))
+    assert res.exit_code == 1 and error_lines(res) == ["error: stage[0].epochs: expected int"]
+
+
+# --- eval --set, resume --from, results tables -----------------------------------------------
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The header and body rows of rich tables in `output`, as lists of stripped cells."""
+    return [[c.strip() for c in line.strip().replace("┃", "│").strip("│").split("│")]
+            for line in output.splitlines() if line.strip()[:1] in ("│", "┃")]
+
+
+def test_run_table_shows_taus_report_and_last_row_and_eval_set_changes_taus(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    res = invoke("run", recipe, "--quiet", "--set", "eval.report=best",
+                 "--set", "eval.posthoc_tau=[0, 1]")
+    assert res.exit_code == 0, res.output
+    assert "balanced test set, top-1 % (best evaluation)" in res.output
+    rows = table_rows(res.output)
+    assert rows[0] == ["", "tau", "overall", "many", "medium", "few"]
+    assert [r[:2] for r in rows[1:]] == [["best", "0"], ["best", "1"], ["last", "0"], ["last", "1"]]
+    run_dir = tmp_path / "runs" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert rows[1][2] == f"{summary['top1']:.2f}" and rows[3][2] == f"{summary['last']['top1']:.2f}"
+
+    res = invoke("eval", run_dir, "--set", "eval.posthoc_tau=[0, 0.5, 2]", "--json")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output)
+    assert [r["posthoc_tau"] for r in metrics["rows"]] == [0, 0.5, 2]
+    res = invoke("eval", run_dir, "--set", "eval.posthoc_tau=[0, 0.5, 2]")
+    rows = table_rows(res.output)
+    assert res.exit_code == 0 and rows[0] == ["tau", "overall", "many", "medium", "few"]
+    assert [r[0] for r in rows[1:]] == ["0", "0.5", "2"]
+    assert rows[1][1] == f"{metrics['rows'][0]['top1']:.2f}"
+
+    res = invoke("eval", run_dir, "--set", "optim.lr=1")
+    assert res.exit_code == 1 and "only [eval] values" in res.output
+
+
+def test_eval_set_passes_overrides_to_the_engine(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+
+    seen = {}
+
+    def fake(target, overrides=None):
+        seen.update(target=target, overrides=overrides)
+        return {"checkpoint": "ck.safetensors", "top1": 50.0, "many": 60.0, "medium": 40.0,
+                "few": None}
+
+    monkeypatch.setattr(engine, "evaluate_checkpoint", fake)
+    res = invoke("eval", tmp_path, "--set", "eval.posthoc_tau=1", "--set", "eval.batch_size=4")
+    assert res.exit_code == 0, res.output
+    assert seen == {"target": str(tmp_path),
+                    "overrides": ["eval.posthoc_tau=1", "eval.batch_size=4"]}
+    assert table_rows(res.output)[1] == ["50.00", "60.00", "40.00", "-"]
+
+
+def test_resume_from_passes_the_checkpoint(tmp_path, monkeypatch):
+    import ltframe.engine.run as engine
+
+    seen = {}
+
+    def fake(run_dir, overrides=None, *, from_checkpoint=None, reporter=None):
+        seen.update(run_dir=run_dir, overrides=overrides, from_checkpoint=from_checkpoint)
+        return {"run_dir": run_dir, "top1": 70.0, "many": 80.0, "medium": 60.0, "few": 50.0,
+                "report": "mean_last_k", "evaluations": 3,
+                "last": {"top1": 71.0, "many": 81.0, "medium": 61.0, "few": 51.0}}
+
+    monkeypatch.setattr(engine, "resume_run", fake)
+    ck = tmp_path / "checkpoints" / "stage0-train-e1.safetensors"
+    res = invoke("resume", tmp_path, "--from", ck, "--set", "optim.lr=0.01", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert seen == {"run_dir": str(tmp_path), "overrides": ["optim.lr=0.01"],
+                    "from_checkpoint": str(ck)}
+    assert "(mean of the last 3 evaluations)" in res.output
+    assert table_rows(res.output)[1:] == [["mean_last_k", "70.00", "80.00", "60.00", "50.00"],
+                                          ["last", "71.00", "81.00", "61.00", "51.00"]]
+
+
+def test_results_table_without_report_or_rows_is_one_plain_row():
+    from rich.console import Console
+
+    from ltframe.cli import results_table
+
+    console = Console(width=100, record=True)
+    for summary in ({"top1": 1.0, "many": 2.0, "medium": 3.0, "few": 4.0},
+                    {"top1": 1.0, "many": 2.0, "medium": 3.0, "few": 4.0, "report": "last",
+                     "last": {"top1": 1.0}}):
+        with console.capture() as cap:
+            console.print(results_table(summary, "t"))
+        text = cap.get()
+        assert table_rows(text) == [["overall", "many", "medium", "few"],
+                                    ["1.00", "2.00", "3.00", "4.00"]]
+        assert "last" not in text.replace("(last evaluation)", "")
+
+
+# --- --out and --block checks ------------------------------------------------------------------
+
+
+def test_out_that_is_a_file_is_a_one_line_error(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    target = tmp_path / "notes.txt"
+    target.write_text("x")
+    res = invoke("run", recipe, "--out", target)
+    assert res.exit_code == 1
+    assert error_lines(res) == [f"error: --out {target}: is a file, not a folder; give a folder "
+                                "for the run directories (it is created if missing)"]
+    res = invoke("run", recipe, "--out", target / "sub")
+    assert res.exit_code == 1 and f"{target} is a file, not a folder" in res.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_in_an_unwritable_folder_is_a_one_line_error(tmp_path, monkeypatch):
+    recipe = tiny_recipe(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access  # root may write anyway: make the folder read-only for os.access too
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k:
+                        False if Path(p) == locked else real_access(p, mode, *a, **k))
+    try:
+        res = invoke("run", recipe, "--out", locked / "runs")
+    finally:
+        locked.chmod(0o755)
+    assert res.exit_code == 1
+    assert error_lines(res) == [f"error: --out {locked / 'runs'}: cannot write in the folder {locked} "
+                                "(permission denied); choose a folder you can write to"]
+    assert not (tmp_path / "runs").exists() and not (locked / "runs").exists()
+
+
+@pytest.mark.parametrize("command", [["run", "RECIPE"], ["show", "RECIPE"], ["components"],
+                                     ["plugins"]])
+def test_block_of_a_plugin_that_is_not_installed_is_a_one_line_error(tmp_path, command):
+    args = [tiny_recipe(tmp_path) if a == "RECIPE" else a for a in command]
+    res = invoke(*args, "--block", "clasics")
+    assert res.exit_code == 1
+    lines = error_lines(res)
+    assert len(lines) == 1, res.output
+    assert lines[0].startswith("error: --block clasics: no installed plugin is called 'clasics' "
+                               "(did you mean 'classics'?); installed plugins: ")
+    assert "builtin" in lines[0] and "rethink" in lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_block_of_an_installed_plugin_still_works():
+    res = invoke("components", "sampler", "--block", "classics")
+    assert res.exit_code == 0 and "class_balanced" not in res.output
