@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ class Trainer:
         self.ckpt_dir = run.run_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
         self.images_per_s: float | None = None
+        # true labels of the training pool: pseudo-label diagnostics only, never a training target
+        self.hidden = run.data.source.train_labels.to(self.device)
         self.position: tuple[str, int, int] = ("", 0, 0)  # (stage, step being run, total)
 
     # --- metrics file ---------------------------------------------------------------------
@@ -191,171 +194,179 @@ class Trainer:
 
     # --- the stage loop -------------------------------------------------------------------
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
+        """Set the stage up (or restore it mid-way), run its steps, then finish it."""
+        st = self._setup_stage(plan, resume)
+        hook = self.run.pm.hook
+        hook.ltframe_stage_start(run=self.run, stage=plan)
+        self.reporter.stage_start(plan.name, st.total, st.start)
+        self.log("stage_start", stage=plan.name, index=plan.index, total_steps=st.total,
+                 steps_per_epoch=st.spe, resumed_at=st.start)
+        for step in range(st.start, st.total):
+            self.position = (plan.name, step, st.total)
+            epoch = step // st.spe
+            if step % st.spe == 0:
+                hook.ltframe_epoch_start(run=self.run, stage=plan, epoch=epoch)
+            ctx = self._step(st, step, epoch)
+            hook.ltframe_step_end(run=self.run, stage=plan, step=step, ctx=ctx)
+            self._after_step(st, step + 1, epoch)
+        return self._end_stage(st)
+
+    # --- stage setup ----------------------------------------------------------------------
+    def _setup_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None) -> _Stage:
+        """Modes, streams, schedule, optimizer, loss terms, pseudo-labeler, views and EMA of
+        a stage; restored from `resume` when the stage is continued mid-way."""
         cfg, rc, reg, d = plan.cfg, self.recipe, self.run.registry, self.data
-        num_classes = d.num_classes
         self.set_mode(cfg.train, cfg.frozen_bn)
         self.record = EvalRecord(rc.eval.report, rc.eval.last_k)  # this stage's evaluations
         if resume is None:
             for path in cfg.reset:
                 self.model.reset(path)
-
         streams = self._make_streams(plan)
-        use_l = "labeled" in streams
-        main = streams["labeled" if use_l else "unlabeled"]
+        main = streams["labeled" if "labeled" in streams else "unlabeled"]
         spe = cfg.steps_per_epoch or main.batches_per_epoch()
         total = cfg.steps or cfg.epochs * spe  # 0 for a fit-only stage
         if self.run.smoke:
             spe, total = 1, min(total, 2)
-        schedule = reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params and total > 0:
             raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
                               "name parts such as 'backbone' or 'heads.main'")
         optimizer = reg.build(plan.optim.optimizer, params=params) if params else None
-        base_lrs = [g["lr"] for g in optimizer.param_groups] if optimizer else []
-
         counts = d.labeled_counts.to(self.device)
-        losses = []
+        losses: list[tuple[str, float, Any]] = []
         for i, spec in enumerate(cfg.loss):
             name = spec.name if spec.name not in [n for n, _, _ in losses] else f"{spec.name}{i}"
             losses.append((name, spec.weight,
-                           reg.build(spec, num_classes=num_classes, class_counts=counts)))
-        labeler = (reg.build(cfg.pseudo_labeler, num_classes=num_classes, class_counts=counts)
+                           reg.build(spec, num_classes=d.num_classes, class_counts=counts)))
+            self._register_component(f"loss.{name}", losses[-1][2])
+        labeler = (reg.build(cfg.pseudo_labeler, num_classes=d.num_classes, class_counts=counts)
                    if cfg.pseudo_labeler else None)
-        for name, _, term in losses:
-            self._register_component(f"loss.{name}", term)
         if labeler is not None:
             self._register_component("pseudo_labeler", labeler)
         mean, std = d.source.mean, d.source.std
-        views = {
-            "labeled": [(v.name, reg.build(v, mean=mean, std=std)) for v in cfg.views.labeled],
-            "unlabeled": [(v.name, reg.build(v, mean=mean, std=std)) for v in cfg.views.unlabeled],
-        }
-        ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
-
-        start = 0
+        views = {split: [(v.name, reg.build(v, mean=mean, std=std)) for v in specs]
+                 for split, specs in (("labeled", cfg.views.labeled),
+                                      ("unlabeled", cfg.views.unlabeled))}
+        st = _Stage(
+            plan=plan, spe=spe, total=total,
+            schedule=reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total),
+            optimizer=optimizer,
+            base_lrs=[g["lr"] for g in optimizer.param_groups] if optimizer else [],
+            counts=counts, losses=losses, labeler=labeler, views=views, streams=streams,
+            ema=EMA(self.model, cfg.ema) if cfg.ema > 0 else None,
+            acc=_Accumulators(self.device, [n for n, _, _ in losses], d.num_classes),
+        )
         if resume is not None:
-            tensors, meta = resume
-            start = int(meta["step"])
-            opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
-            opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}  # JSON keys
-            optimizer.load_state_dict(opt_state)
-            for k, s in streams.items():
-                s.load_state_dict(meta["streams"][k])
-            if ema is not None:
-                ckpt.load_module_state(ema.module, tensors, "ema", meta.get("tensors", "checkpoint"))
-            self.record.load_state_dict(meta.get("record") or {})
-            comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
-            for name, comp in self.components.items():
-                if name in comp_state and hasattr(comp, "load_state_dict"):
-                    comp.load_state_dict(comp_state[name])
+            self._restore_stage(st, *resume)
+        return st
 
-        hook = self.run.pm.hook
-        hook.ltframe_stage_start(run=self.run, stage=plan)
-        self.reporter.stage_start(plan.name, total, start)
-        self.log("stage_start", stage=plan.name, index=plan.index, total_steps=total,
-                 steps_per_epoch=spe, resumed_at=start)
+    def _restore_stage(self, st: _Stage, tensors: dict[str, Tensor], meta: dict) -> None:
+        st.start = st.acc.last_good = int(meta["step"])
+        opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
+        opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}  # JSON keys
+        st.optimizer.load_state_dict(opt_state)
+        for k, s in st.streams.items():
+            s.load_state_dict(meta["streams"][k])
+        if st.ema is not None:
+            ckpt.load_module_state(st.ema.module, tensors, "ema", meta.get("tensors", "checkpoint"))
+        self.record.load_state_dict(meta.get("record") or {})
+        comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
+        for name, comp in self.components.items():
+            if name in comp_state and hasattr(comp, "load_state_dict"):
+                comp.load_state_dict(comp_state[name])
 
-        zero = torch.zeros((), device=self.device)
-        sums = {name: zero.clone() for name, _, _ in losses}
-        sums["total"] = zero.clone()
-        n_acc = 0
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        confusion = torch.zeros(num_classes * num_classes, device=self.device)
-        hidden = d.source.train_labels.to(self.device)
-        t_log, imgs = time.perf_counter(), 0
-        last_good = start
+    # --- one step -------------------------------------------------------------------------
+    def _step(self, st: _Stage, step: int, epoch: int) -> StepContext:
+        """lr, inputs, one forward over all parts, pseudo-labels, loss terms, update, EMA."""
+        factor = st.schedule(step)
+        for g, lr0 in zip(st.optimizer.param_groups, st.base_lrs, strict=True):
+            g["lr"] = lr0 * factor
+        x_all, sizes, aliases, targets, idx_u = self._gather_inputs(st.streams, st.views)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            feats, logits = self.model(x_all)
+        logits = {k: v.float() for k, v in logits.items()}
+        f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
+        x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
+        for alias, part in aliases.items():
+            f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
+            x_parts[alias] = x_parts[part]
+        ctx = StepContext(step=step, epoch=epoch, num_classes=self.data.num_classes,
+                          class_counts=st.counts, targets=targets,
+                          features_by_part=f_parts, logits_by_part=l_parts,
+                          model=self.model, inputs_by_part=x_parts)
+        if st.labeler is not None:
+            ctx.pseudo = st.labeler(ctx)
+            if idx_u is not None:
+                st.acc.count_pseudo(ctx.pseudo, self.hidden[idx_u.to(self.device)])
+        loss = st.acc.zero
+        for name, weight, term in st.losses:
+            value = term(ctx)
+            ctx.losses[name] = value
+            loss = loss + weight * value
+        ctx.losses["total"] = loss
+        st.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        st.optimizer.step()
+        if st.ema is not None:
+            st.ema.update()
+        st.acc.add(ctx.losses, x_all.shape[0])
+        return ctx
 
-        for step in range(start, total):
-            self.position = (plan.name, step, total)
-            epoch = step // spe
-            if step % spe == 0:
-                hook.ltframe_epoch_start(run=self.run, stage=plan, epoch=epoch)
-            factor = schedule(step)
-            for g, lr0 in zip(optimizer.param_groups, base_lrs, strict=True):
-                g["lr"] = lr0 * factor
+    # --- after a step: logging, end of epoch, checkpoints ---------------------------------
+    def _after_step(self, st: _Stage, done: int, epoch: int) -> None:
+        end_epoch = done % st.spe == 0 or done == st.total
+        if done % self.recipe.run.log_every == 0 or end_epoch:
+            self._log_train(st, done, epoch)
+        if end_epoch:
+            self._end_epoch(st, done, epoch)
+        elif self.recipe.run.checkpoint_every and done % self.recipe.run.checkpoint_every == 0:
+            self._check_finite(st.acc.bad, st.acc.sums, st.plan, st.acc.last_good, done)
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema)
+            st.acc.last_good = done
 
-            x_all, sizes, aliases, targets, idx_u = self._gather_inputs(streams, views)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                feats, logits = self.model(x_all)
-            logits = {k: v.float() for k, v in logits.items()}
-            f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
-            x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
-            for alias, part in aliases.items():
-                f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
-                x_parts[alias] = x_parts[part]
-            ctx = StepContext(step=step, epoch=epoch, num_classes=num_classes,
-                              class_counts=counts, targets=targets,
-                              features_by_part=f_parts, logits_by_part=l_parts,
-                              model=self.model, inputs_by_part=x_parts)
-            if labeler is not None:
-                ctx.pseudo = labeler(ctx)
-                if idx_u is not None:
-                    pl = ctx.pseudo.targets
-                    pl = pl.argmax(1) if pl.dim() == 2 else pl
-                    true = hidden[idx_u.to(self.device)]
-                    confusion += torch.bincount(true * num_classes + pl,
-                                                weights=(ctx.pseudo.mask > 0).float(),
-                                                minlength=num_classes * num_classes)
-            loss = zero
-            for name, weight, term in losses:
-                value = term(ctx)
-                ctx.losses[name] = value
-                loss = loss + weight * value
-            ctx.losses["total"] = loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update()
-            for k, v in ctx.losses.items():
-                sums[k] += v.detach()
-            n_acc += 1
-            bad |= ~torch.isfinite(loss.detach())
-            imgs += x_all.shape[0]
-            hook.ltframe_step_end(run=self.run, stage=plan, step=step, ctx=ctx)
+    def _log_train(self, st: _Stage, done: int, epoch: int) -> None:
+        """Sync the accumulated loss terms (the only per-interval host sync), check them."""
+        acc = st.acc
+        self._check_finite(acc.bad, acc.sums, st.plan, acc.last_good, done)
+        dt = time.perf_counter() - acc.t_log
+        ips = acc.imgs / dt if dt > 0 else 0.0
+        self.images_per_s = ips
+        means = {k: float(v) / max(acc.n, 1) for k, v in acc.sums.items()}
+        lr = st.optimizer.param_groups[0]["lr"]
+        self.log("train", stage=st.plan.name, step=done, epoch=epoch, loss=means, lr=lr,
+                 images_per_s=round(ips, 1))
+        self.reporter.progress(done, {**means, "lr": lr, "images_per_s": ips})
+        acc.reset_interval()
 
-            done = step + 1
-            end_epoch = done % spe == 0 or done == total
-            if done % rc.run.log_every == 0 or end_epoch:
-                self._check_finite(bad, sums, plan, last_good, done)
-                dt = time.perf_counter() - t_log
-                ips = imgs / dt if dt > 0 else 0.0
-                self.images_per_s = ips
-                means = {k: float(v) / max(n_acc, 1) for k, v in sums.items()}
-                lr = optimizer.param_groups[0]["lr"]
-                self.log("train", stage=plan.name, step=done, epoch=epoch, loss=means, lr=lr,
-                         images_per_s=round(ips, 1))
-                self.reporter.progress(done, {**means, "lr": lr, "images_per_s": ips})
-                t_log, imgs = time.perf_counter(), 0
-                for k in sums:
-                    sums[k] = zero.clone()
-                n_acc = 0
-            if end_epoch:
-                metrics: dict[str, Any] = {}
-                last = done == total
-                # a stage that fits heads is evaluated once, after fitting
-                if (last and not cfg.fit) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-                    metrics = self._record_eval(plan, ema.module if ema else self.model, epoch, done)
-                if labeler is not None and confusion.sum() > 0:
-                    plm = pseudo_label_metrics(confusion.view(num_classes, num_classes))
-                    self.log("pseudo_labels", stage=plan.name, epoch=epoch, **plm)
-                    metrics.update(plm)
-                    confusion.zero_()
-                if not last:
-                    self._save(plan, done, total, optimizer, streams, ema)
-                    last_good = done
-                hook.ltframe_epoch_end(run=self.run, stage=plan, epoch=epoch, metrics=metrics)
-            elif rc.run.checkpoint_every and done % rc.run.checkpoint_every == 0:
-                self._check_finite(bad, sums, plan, last_good, done)
-                self._save(plan, done, total, optimizer, streams, ema)
-                last_good = done
+    def _end_epoch(self, st: _Stage, done: int, epoch: int) -> None:
+        """Evaluation (per `eval_every`), pseudo-label diagnostics, checkpoint, epoch hook."""
+        cfg, n = st.plan.cfg, self.data.num_classes
+        metrics: dict[str, Any] = {}
+        last = done == st.total
+        # a stage that fits heads is evaluated once, after fitting
+        if (last and not cfg.fit) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            metrics = self._record_eval(st.plan, st.eval_model(self.model), epoch, done)
+        if st.labeler is not None and st.acc.confusion.sum() > 0:
+            plm = pseudo_label_metrics(st.acc.confusion.view(n, n))
+            self.log("pseudo_labels", stage=st.plan.name, epoch=epoch, **plm)
+            metrics.update(plm)
+            st.acc.confusion.zero_()
+        if not last:
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema)
+            st.acc.last_good = done
+        self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
+                                           metrics=metrics)
 
+    # --- end of a stage -------------------------------------------------------------------
+    def _end_stage(self, st: _Stage) -> dict:
+        """Fit heads, record the stage's result, keep the evaluated weights, checkpoint."""
+        plan, cfg, rc = st.plan, st.plan.cfg, self.recipe
+        total, ema = st.total, st.ema
         if cfg.fit:
-            eval_model = ema.module if ema else self.model
+            eval_model = st.eval_model(self.model)
             fitted = self.fit_heads(eval_model, cfg.fit)
             self.log("fit", stage=plan.name, **fitted)
-            self._record_eval(plan, eval_model, max(total // spe - 1, 0), total)
+            self._record_eval(plan, eval_model, max(total // st.spe - 1, 0), total)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
                   "eval_head": cfg.eval_head or rc.model.eval_head,
                   **self.record.summary()}
@@ -366,7 +377,7 @@ class Trainer:
         self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
                    next_stage=True)
         self.log("stage_end", **result)
-        hook.ltframe_stage_end(run=self.run, stage=plan, result=result)
+        self.run.pm.hook.ltframe_stage_end(run=self.run, stage=plan, result=result)
         self.reporter.stage_end(plan.name)
         self._unregister_components()
         return result
@@ -444,3 +455,61 @@ class Trainer:
 def _has_hookimpls(obj: Any) -> bool:
     return any(hasattr(getattr(type(obj), n, None), "ltframe_impl")
                for n in dir(type(obj)) if n.startswith("ltframe_"))
+
+
+class _Accumulators:
+    """Loss sums, NaN flag, pseudo-label confusion and throughput kept on the device between
+    log intervals, so a step never syncs with the host."""
+
+    def __init__(self, device: torch.device, loss_names: list[str], num_classes: int) -> None:
+        self.zero = torch.zeros((), device=device)
+        self.sums = {name: self.zero.clone() for name in [*loss_names, "total"]}
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.confusion = torch.zeros(num_classes * num_classes, device=device)
+        self.num_classes = num_classes
+        self.n = 0
+        self.imgs = 0
+        self.t_log = time.perf_counter()
+        self.last_good = 0  # the step of the last checkpoint written in this stage
+
+    def add(self, losses: dict[str, Tensor], images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] += v.detach()
+        self.bad |= ~torch.isfinite(losses["total"].detach())
+        self.n += 1
+        self.imgs += images
+
+    def count_pseudo(self, pseudo: Any, true: Tensor) -> None:
+        """Diagnostics only: pseudo-labels of the selected samples against hidden labels."""
+        pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
+        self.confusion += torch.bincount(true * self.num_classes + pl,
+                                         weights=(pseudo.mask > 0).float(),
+                                         minlength=self.num_classes ** 2)
+
+    def reset_interval(self) -> None:
+        for k in self.sums:
+            self.sums[k] = self.zero.clone()
+        self.n, self.imgs, self.t_log = 0, 0, time.perf_counter()
+
+
+@dataclass
+class _Stage:
+    """Everything a running stage holds: its plan, step counts and built components."""
+
+    plan: StagePlan
+    spe: int
+    total: int
+    schedule: Any
+    optimizer: Any
+    base_lrs: list[float]
+    counts: Tensor
+    losses: list[tuple[str, float, Any]]
+    labeler: Any
+    views: dict[str, list]
+    streams: dict[str, BatchStream]
+    ema: EMA | None
+    acc: _Accumulators
+    start: int = 0
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else model
