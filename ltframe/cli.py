@@ -7,7 +7,6 @@ at once. Every error ends in one `error: ...` line; `ltframe --debug ...` shows 
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ltframe.engine.report import Reporter
-from ltframe.errors import LtframeError, allowed, closest
+from ltframe.errors import LtframeError
 
 console = Console(stderr=True)
 out = Console()
@@ -193,42 +192,10 @@ class LtframeGroup(click.Group):
 
 
 def check_block(block: tuple[str, ...] | list[str]) -> list[str]:
-    """`--block NAME` must name an installed plugin (an entry point of `ltframe.plugins`)."""
-    from ltframe.plugins import _entry_points
+    """`--block NAME` must name an installed plugin (checked before anything heavy loads)."""
+    from ltframe.plugins import check_block as check
 
-    installed = sorted({ep.name for ep in _entry_points()})
-    for name in block:
-        if name not in installed:
-            raise LtframeError(f"--block {name}: no installed plugin is called '{name}'"
-                               f"{closest(name, installed)}; installed plugins: {allowed(installed)}")
-    return list(block)
-
-
-def check_out_dir(out_dir: str | None) -> None:
-    """`--out` must be a folder (or not exist yet) in a place we can write to."""
-    if out_dir is None:
-        return
-    path = Path(out_dir).expanduser()
-    if path.exists() and not path.is_dir():
-        raise LtframeError(f"--out {out_dir}: is a file, not a folder; give a folder for the run "
-                           "directories (it is created if missing)")
-    folder = path
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise LtframeError(f"--out {out_dir}: {folder} is a file, not a folder; "
-                           "give a folder for the run directories")
-    problem = None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
-    if problem is None:
-        try:  # os.access says yes to root even on read-only mounts: really try
-            fd, probe = tempfile.mkstemp(dir=folder, prefix=".ltframe-write-test-")
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as exc:
-            problem = exc.strerror or str(exc)
-    if problem is not None:
-        raise LtframeError(f"--out {out_dir}: cannot write in the folder {folder} ({problem}); "
-                           "choose a folder you can write to")
+    return check(block)
 
 
 # --- commands -----------------------------------------------------------------------------
@@ -254,7 +221,6 @@ def run(recipe: str, overrides: tuple[str, ...], out_dir: str | None, smoke: boo
         block: tuple[str, ...], quiet: bool) -> None:
     """Train and evaluate as RECIPE says; writes a run directory."""
     blocked = check_block(block)
-    check_out_dir(out_dir)
     from ltframe.engine.run import start_run
 
     t0 = time.perf_counter()

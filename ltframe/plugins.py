@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pluggy
 
 from ltframe import hookspecs
-from ltframe.errors import RegistryError
+from ltframe.errors import RegistryError, allowed, closest
 from ltframe.registry import Registry
 
 GROUP = "ltframe.plugins"
@@ -37,7 +37,7 @@ def make_plugin_manager(
 ) -> tuple[PluginManager, Registry]:
     """Return a plugin manager with every installed plugin (minus `block`) and its registry."""
     pm = PluginManager()
-    blocked = set(block)
+    blocked = set(check_block(block) if load_entry_points else block)
     for name in blocked:
         pm.set_blocked(name)
     registry = Registry()
@@ -57,6 +57,16 @@ def make_plugin_manager(
             pm.distributions[ep.name] = (dist.name, dist.version) if dist else ("?", "?")
     _register_all(pm, registry)
     return pm, registry
+
+
+def check_block(block: Iterable[str]) -> list[str]:
+    """Every name in `block` must be an installed plugin (an entry point of the group)."""
+    installed = sorted({ep.name for ep in _entry_points()})
+    for name in block:
+        if name not in installed:
+            raise RegistryError(f"--block {name}: no installed plugin is called '{name}'"
+                                f"{closest(name, installed)}; installed plugins: {allowed(installed)}")
+    return list(block)
 
 
 def register_plugin(pm: PluginManager, registry: Registry, plugin: object, name: str) -> None:

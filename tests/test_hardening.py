@@ -189,3 +189,17 @@ def test_out_that_is_a_file_and_corrupt_run_json_are_named(tmp_path):
     (run_dir / "run.json").write_text("{broken")
     with pytest.raises(LtframeError, match="run.json is corrupt"):
         resume_run(run_dir)
+
+
+def test_unwritable_out_dir_from_the_recipe_fails_before_data_is_loaded(tmp_path, monkeypatch):
+    import os
+
+    from ltframe.errors import LtframeError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == locked else real(p, m))
+    with pytest.raises(LtframeError, match="run.out_dir .*cannot write in the folder"):
+        start_run(tiny_recipe(tmp_path), [f'run.out_dir="{locked / "runs"}"'])
+    assert not (locked / "runs").exists()

@@ -123,3 +123,8 @@ def test_registry_rules():
         reg.register("head", "hh", lambda p: p, P, plugin="other")
     assert set(KINDS) == {"sampler", "pseudo_labeler", "loss", "head", "scheduler", "source",
                           "view", "optimizer", "lr_schedule"}
+
+
+def test_blocking_a_plugin_that_is_not_installed_is_an_error():
+    with pytest.raises(RegistryError, match="--block clasics: no installed plugin.*did you mean 'classics'"):
+        make_plugin_manager(block=["clasics"])

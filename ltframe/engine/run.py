@@ -18,6 +18,7 @@ from ltframe.engine.report import Reporter
 from ltframe.engine.setup import (
     build_data,
     build_model,
+    check_out_dir,
     new_run_dir,
     pick_device,
     read_run_meta,
@@ -116,6 +117,7 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         if recipe_path is None:
             raise LtframeError("start_run needs a recipe path or a Recipe")
         recipe = load_recipe(recipe_path, registry, overrides)
+    check_out_dir(out_dir or recipe.run.out_dir, "--out" if out_dir else "run.out_dir")
     run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
     run.run_dir = run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
     reporter = reporter or Reporter()

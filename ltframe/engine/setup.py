@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +31,35 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def check_out_dir(out_dir: str | Path, label: str = "--out") -> None:
+    """`--out` (or run.out_dir, named by `label`) must be a folder, or not exist yet, in a place
+    we can write to; checked before any data is loaded or file written."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise LtframeError(f"{label} {out_dir}: is a file, not a folder; give a folder for the run "
+                           "directories (it is created if missing)")
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise LtframeError(f"{label} {out_dir}: {folder} is a file, not a folder; "
+                           "give a folder for the run directories")
+    problem = None if os.access(folder, os.W_OK | os.X_OK) else "permission denied"
+    if problem is None:
+        try:  # os.access says yes to root even on read-only mounts: really try
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".ltframe-write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+    if problem is not None:
+        raise LtframeError(f"{label} {out_dir}: cannot write in the folder {folder} ({problem}); "
+                           "choose a folder you can write to")
+
+
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
     """out_dir/name, or name-1, name-2, ... so an earlier run is never overwritten."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LtframeError(f"--out {out} is a file, not a folder; pass a folder for run directories")
-    base = out / name
+    base = Path(out_dir) / name
     path, i = base, 0
     while path.exists() and any(path.iterdir()):
         i += 1
