@@ -100,3 +100,16 @@ class HookRecorder:
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
+
+
+class StopAt:
+    """A plugin that presses Ctrl-C after `n` steps of stage `stage_index` (resume tests)."""
+
+    def __init__(self, n: int, stage_index: int = 0) -> None:
+        self.n = n
+        self.stage_index = stage_index
+
+    @hookimpl
+    def ltframe_step_end(self, run: Any, stage: Any, step: int, ctx: Any) -> None:
+        if stage.index == self.stage_index and step + 1 == self.n:
+            raise KeyboardInterrupt

@@ -11,7 +11,7 @@ from ltframe import PseudoLabels, hookimpl, resume_run, start_run
 from ltframe.engine import checkpoint as ckpt
 from ltframe.errors import CheckpointError, DataError, NonFiniteLossError, RecipeError, RunInterrupted
 from ltframe.registry import NoParams
-from ltframe.testing import HookRecorder, tiny_recipe
+from ltframe.testing import HookRecorder, StopAt, tiny_recipe
 
 
 def _latest_tensors(run_dir: Path) -> dict:
@@ -60,18 +60,6 @@ def test_hooks_fire_in_order_and_evaluate_merges_metrics(tmp_path):
     assert any(e.get("recorder_seen") == 24 for e in evals if e["event"] == "eval")
 
 
-class _StopAt:
-    """Interrupts training after global step `n` of the first stage."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @hookimpl
-    def ltframe_step_end(self, run, stage, step, ctx):
-        if stage.index == 0 and step + 1 == self.n:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.slow
 def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     over = {
@@ -88,7 +76,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     full = Path(start_run(tiny_recipe(tmp_path / "a", **over))["run_dir"])
     with pytest.raises(RunInterrupted, match=r"during step 5 of 6 \(4 completed\).*step-s0-00000004"
                        r".*ltframe resume .*runs/tiny"):
-        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", _StopAt(5))])
+        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(5))])
     part = tmp_path / "b" / "runs" / "tiny"
     _, side, _ = ckpt.load(part)
     assert side["step"] == 4 and side["stage_index"] == 0  # mid-epoch 2 of stage a

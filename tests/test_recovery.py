@@ -12,20 +12,10 @@ from ltframe import hookimpl, resume_run, start_run
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine.report import Reporter
 from ltframe.errors import CheckpointError, NonFiniteLossError, RunInterrupted
-from ltframe.testing import tiny_recipe
+from ltframe.testing import StopAt, tiny_recipe
 
 OVER = {"run": {"checkpoint_every": 2, "log_every": 1},
         "stage": [{"name": "a", "epochs": 2, "steps_per_epoch": 3}]}
-
-
-class _StopAt:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @hookimpl
-    def ltframe_step_end(self, run, stage, step, ctx):
-        if step + 1 == self.n:
-            raise KeyboardInterrupt
 
 
 class _Messages(Reporter):
@@ -38,7 +28,7 @@ class _Messages(Reporter):
 
 def _interrupted(tmp_path: Path, stop: int = 5, **over) -> Path:
     with pytest.raises(RunInterrupted):
-        start_run(tiny_recipe(tmp_path, **{**OVER, **over}), plugins=[("stop", _StopAt(stop))])
+        start_run(tiny_recipe(tmp_path, **{**OVER, **over}), plugins=[("stop", StopAt(stop))])
     return tmp_path / "runs" / "tiny"
 
 

@@ -96,7 +96,7 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
         splits.val = _first_per_class(splits.val, labels, source.num_classes, 2)
     test_x, test_y = source.test_images, source.test_labels
     if smoke:  # a small balanced slice of the test set
-        keep = torch.cat([(test_y == c).nonzero().flatten()[:8] for c in range(source.num_classes)])
+        keep = _first_per_class(torch.arange(test_y.numel()), test_y, source.num_classes, 8)
         test_x = test_x[keep] if isinstance(test_x, Tensor) else FileImages(
             [test_x.paths[i] for i in keep.tolist()], test_x.size)
         test_y = test_y[keep]
@@ -115,6 +115,7 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
 
 
 def _first_per_class(idx: Tensor, labels: Tensor, num_classes: int, k: int) -> Tensor:
+    """The first `k` entries of `idx` of each class (by `labels[idx]`)."""
     y = labels[idx]
     return torch.cat([idx[y == c][:k] for c in range(num_classes)])
 

@@ -382,13 +382,16 @@ class Trainer:
         self._unregister_components()
         return result
 
+    def _kept(self) -> str:
+        return (f"the last good checkpoint {self.last_checkpoint} is kept"
+                if self.last_checkpoint else "no checkpoint had been written yet")
+
     def _check_finite(self, bad: Tensor, sums: dict[str, Tensor], plan: StagePlan,
                       last_good: int, done: int) -> None:
         if not bool(bad):
             return
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
-        kept = (f"the last good checkpoint {self.last_checkpoint} is kept"
-                if self.last_checkpoint else "no checkpoint had been written yet")
+        kept = self._kept()
         self.log("error", stage=plan.name, step=done, error="non-finite loss", terms=terms)
         raise NonFiniteLossError(
             f"non-finite loss in stage '{plan.name}' between steps {last_good} and {done} "
@@ -411,8 +414,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         bad = ckpt.nonfinite(tensors)
         if bad:
-            kept = (f"the last good checkpoint {self.last_checkpoint} is kept"
-                    if self.last_checkpoint else "no checkpoint had been written yet")
+            kept = self._kept()
             self.log("error", stage=plan.name, step=step, error="non-finite weights", tensors=bad[:5])
             raise NonFiniteLossError(
                 f"the weights became non-finite in stage '{plan.name}' by step {step} "

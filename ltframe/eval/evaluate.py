@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ltframe.data.bundle import ImageStore
 from ltframe.data.views import NoneParams, NoneView
-from ltframe.eval.metrics import classification_metrics
+from ltframe.eval.metrics import SCALARS, classification_metrics
 
 
 @torch.no_grad()
@@ -64,7 +64,6 @@ def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: 
                                       many, few) for t in taus]
     out = results[0]
     if isinstance(posthoc_tau, list):
-        keep = ("top1", "balanced_acc", "many", "medium", "few", "top5")
-        out["rows"] = [{"posthoc_tau": t, **{k: r[k] for k in keep if k in r}}
+        out["rows"] = [{"posthoc_tau": t, **{k: r[k] for k in SCALARS if k in r}}
                        for t, r in zip(taus, results, strict=True)]
     return out

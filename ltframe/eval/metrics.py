@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: the scalar metrics of an evaluation (percentages; None for an empty group)
+SCALARS = ("top1", "balanced_acc", "many", "medium", "few", "top5")
+
 
 def group_masks(train_counts: Tensor, many: int, few: int) -> dict[str, Tensor]:
     """many: count > `many`; few: count < `few`; medium: the rest (defaults >100, <20)."""

@@ -8,8 +8,7 @@ import math
 from typing import Any
 
 from ltframe.errors import LtframeError
-
-NUMERIC = ("top1", "balanced_acc", "many", "medium", "few", "top5")
+from ltframe.eval.metrics import SCALARS
 
 
 class EvalRecord:
@@ -54,14 +53,14 @@ class EvalRecord:
 
 
 def _compact(metrics: dict) -> dict:
-    keep = (*NUMERIC, "per_class", "rows", "epoch", "step")
+    keep = (*SCALARS, "per_class", "rows", "epoch", "step")
     return {k: metrics[k] for k in keep if k in metrics}
 
 
 def mean_metrics(evals: list[dict]) -> dict[str, Any]:
     """Mean of the evaluations' numeric metrics (per_class and per-tau rows elementwise)."""
     out: dict[str, Any] = {}
-    for key in NUMERIC:
+    for key in SCALARS:
         vals = [e[key] for e in evals if e.get(key) is not None]
         if vals:
             out[key] = sum(vals) / len(vals)

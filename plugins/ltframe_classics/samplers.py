@@ -22,6 +22,7 @@ from ltframe.config import param
 from ltframe.data.samplers import SeededSampler
 from ltframe.errors import DataError
 from ltframe.registry import NoParams, Registry
+from ltframe_classics.losses import cb_weights
 
 
 class RandomSampler(SeededSampler):
@@ -68,15 +69,6 @@ class ClassBalancedParams:
     beta: float = param(0.9999, ge=0, lt=1)  # effective_number only
 
 
-def effective_number_weights(counts: Tensor, beta: float) -> Tensor:
-    """Per-class weights (1 - beta) / (1 - beta^n_c) normalised to sum to C (Cui et al. 2019);
-    an empty class gets weight 0."""
-    n = counts.double()
-    w = (1.0 - beta) / (1.0 - torch.pow(torch.full_like(n, beta), n.clamp_min(1)))
-    w = w * (n > 0)
-    return w / w.sum() * n.numel()
-
-
 class ClassBalancedSampler(_ClassWeighted):
     """Class-balanced sampling, deferred to `start_epoch` (DRS: instance sampling before).
 
@@ -95,7 +87,7 @@ class ClassBalancedSampler(_ClassWeighted):
         super().__init__(labels, num_classes, seed, rank, world_size, params.num_samples)
         self.start = params.start_epoch
         if params.weighting == "effective_number":
-            self.q = self.counts * effective_number_weights(self.counts, params.beta)
+            self.q = self.counts * cb_weights(self.counts, params.beta)  # empty classes: q masked
         else:
             self.q = torch.ones_like(self.counts)
 
