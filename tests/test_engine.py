@@ -139,10 +139,13 @@ def test_corrupt_checkpoint_is_reported_and_not_loaded(tmp_path):
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     run_dir = Path(start_run(tiny_recipe(tmp_path))["run_dir"])
     (run_dir / "summary.json").unlink()  # as if the run had stopped
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(CheckpointError, match="does not match this model.*unexpected heads.main.bias"):
         resume_run(run_dir, ["model.heads.main.bias=false"])
     with pytest.raises(DataError, match="split differs"):  # the data changed under the run
         resume_run(run_dir, ["data.source.num_classes=5"])
+    # a refused resume changes nothing (resolved.toml, run.json, metrics stay as they were)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
 
 
 def test_frozen_backbone_and_reset_head(tmp_path):

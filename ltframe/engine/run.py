@@ -184,6 +184,8 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
             reporter.message(f"skipped checkpoint {bad.name}: {reason}")
     run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
     check_splits(run.data, run_dir)
+    # the checkpoint must fit the (possibly overridden) model before any file is changed
+    ckpt.load_module_state(run.model, tensors, "model", str(path.with_suffix(".safetensors")))
     reporter.message(f"resuming {run_dir} from {path.stem} (stage {side['stage_index']}, "
                      f"step {side['step']})")
     _truncate_metrics(run_dir, side.get("metrics_bytes"))
