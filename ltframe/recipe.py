@@ -80,16 +80,30 @@ class StageCfg:
     epochs: int = param(0, ge=0)
     steps: int = param(0, ge=0)  # total optimizer steps; overrides epochs
     steps_per_epoch: int = param(0, ge=0)  # 0 = one pass over the stage's main data
-    data: Literal["labeled", "unlabeled", "labeled+unlabeled"] = "labeled"
+    # labeled: the labeled split; pseudo: unlabeled samples selected by the last pool labelling
+    # (with their pseudo-labels, see `label`); unlabeled: the whole unlabeled pool, no targets
+    data: Literal["labeled", "unlabeled", "labeled+unlabeled", "labeled+pseudo",
+                  "labeled+pseudo+unlabeled", "pseudo", "pseudo+unlabeled"] = "labeled"
     batch_size: int = param(0, ge=0)  # 0 = data.batch_size
     unlabeled_ratio: int = param(1, ge=1)  # unlabeled batch = ratio x batch_size (mu)
     sampler: ComponentSpec = _c("sampler", "random")
     unlabeled_sampler: ComponentSpec = _c("sampler", "random")
+    # the unlabeled stream's samples: the unlabeled split, or every training sample (labeled
+    # ones without their labels), as the CReST code's consistency term uses
+    unlabeled_pool: Literal["unlabeled", "all"] = "unlabeled"
     views: ViewsCfg = field(default_factory=ViewsCfg)
     train: list[str] = field(default_factory=lambda: ["backbone", "heads"])
     reset: list[str] = field(default_factory=list)
     loss: list[ComponentSpec] = _c("loss", factory=lambda: ["ce"])
     pseudo_labeler: ComponentSpec | None = _c("pseudo_labeler", None)
+    transform: ComponentSpec | None = _c("transform", None)  # before the forward (e.g. mixup)
+    teacher: Literal["ema", "start"] = "ema"  # ctx.teacher_logits: EMA model or the model at stage start
+    teacher_bn: Literal["running", "batch"] = "running"  # teacher BatchNorm: running or batch statistics
+    # whole-pool labelling after the stage: a pseudo-labeler in offline mode keeps samples of
+    # `label_pool` with targets for later stages (data = "labeled+pseudo", soft targets)
+    label: ComponentSpec | None = _c("pseudo_labeler", None)
+    label_pool: Literal["unlabeled", "labeled", "all"] = "unlabeled"
+    label_head: str = ""  # head whose probabilities are handed over; "" = the stage's eval head
     optim: dict[str, Any] = field(default_factory=dict)  # overrides merged over [optim]
     ema: float = param(0.0, ge=0, lt=1)  # EMA decay of the weights used for evaluation; 0 = off
     drop_last: bool = False  # default epochs: skip each epoch's last, smaller batch

@@ -7,6 +7,7 @@ are listed in ``KINDS``. Plugins fill the registry from their ``ltframe_register
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +18,11 @@ from ltframe.errors import RecipeError, RegistryError, allowed, closest
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sampler": ("an index sampler (ltframe.data.samplers.IndexSampler)",
                 ("labels", "num_classes", "seed", "rank", "world_size")),
-    "pseudo_labeler": ("a callable(StepContext) -> PseudoLabels", ("num_classes", "class_counts")),
-    "loss": ("a callable(StepContext) -> scalar tensor", ("num_classes", "class_counts")),
+    "pseudo_labeler": ("a callable(StepContext) -> PseudoLabels (and/or label_pool(pool))",
+                       ("num_classes", "class_counts", "num_samples")),
+    "loss": ("a callable(StepContext) -> scalar tensor", ("num_classes", "class_counts", "num_samples")),
+    "transform": ("a callable(StepContext) -> None run before the forward (may replace inputs)",
+                  ("num_classes", "class_counts", "num_samples")),
     "head": ("an nn.Module mapping features to logits", ("in_features", "num_classes")),
     "scheduler": ("a StageScheduler (next_stage(history) -> StagePlan | None)", ("stages",)),
     "source": ("a SourceData (train/test uint8 images and labels)", ("seed",)),
@@ -26,6 +30,18 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "optimizer": ("a torch.optim.Optimizer", ("params",)),
     "lr_schedule": ("a callable(step) -> lr factor", ("steps_per_epoch", "total_steps")),
 }
+
+
+def _accepted(factory: Callable[..., Any], context: dict[str, Any]) -> dict[str, Any]:
+    """The context keywords `factory` accepts (all of them if it takes **kwargs), so a kind can
+    gain context keywords without breaking factories written before."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return context
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return context
+    return {k: v for k, v in context.items() if k in sig.parameters}
 
 
 @dataclasses.dataclass
@@ -137,7 +153,7 @@ class Registry:
                 raise TypeError("build(name) needs kind=")
             spec = self.spec(kind, spec, kind)
         entry = self.get(spec.kind, spec.name)
-        return entry.factory(spec.params, **context)
+        return entry.factory(spec.params, **_accepted(entry.factory, context))
 
     @staticmethod
     def _check_kind(kind: str) -> None:

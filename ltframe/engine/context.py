@@ -1,7 +1,9 @@
-"""What a loss term or pseudo-labeler sees during one step."""
+"""What a loss term, pseudo-labeler or input transform sees during one step, and what an
+offline pseudo-labeler sees when a whole pool of samples is labelled between stages."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,11 +41,29 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the LTModel being trained (e.g. for a momentum encoder)
     inputs_by_part: dict[str, Tensor] = field(default_factory=dict)  # augmented input batches
+    # dataset indices (into the source's train set, on the device) of each part's samples
+    indices_by_part: dict[str, Tensor] = field(default_factory=dict)
+    # per-sample weights / soft targets of the labeled part from the run's target table
+    # (None when every weight is 1 / when the stage's samples have no soft targets)
+    weights: Tensor | None = None
+    soft_targets: Tensor | None = None
+    # engine-provided no-grad forwards: (part) -> (features, {head: logits})
+    _teacher: Callable[[str], tuple[Tensor, dict[str, Tensor]]] | None = None
+    _student_no_grad: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
+    _teacher_cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)
 
     def _part(self, part: str) -> str:
         if part not in self.features_by_part:
             raise LtframeError(
                 f"this stage has no '{part}' inputs (parts: {', '.join(self.features_by_part)}); "
+                "check the stage's data and views"
+            )
+        return part
+
+    def _input_part(self, part: str) -> str:
+        if part not in self.inputs_by_part:
+            raise LtframeError(
+                f"this stage has no '{part}' inputs (parts: {', '.join(self.inputs_by_part)}); "
                 "check the stage's data and views"
             )
         return part
@@ -59,11 +79,43 @@ class StepContext:
         return by_head[head]
 
     def inputs(self, part: str) -> Tensor:
-        """The augmented images that produced `part`'s outputs."""
-        return self.inputs_by_part[self._part(part)]
+        """The augmented images that produced (or, before the forward, will produce) `part`'s
+        outputs."""
+        return self.inputs_by_part[self._input_part(part)]
+
+    def indices(self, part: str = "labeled") -> Tensor:
+        """Dataset indices (train set, on the device) of `part`'s samples, aligned with its
+        rows; for per-sample state such as a memory of earlier predictions."""
+        split = part.split(":")[0]
+        if split not in self.indices_by_part:
+            raise LtframeError(f"this stage has no '{split}' samples (parts: "
+                               f"{', '.join(self.indices_by_part)}); check the stage's data")
+        return self.indices_by_part[split]
 
     def has(self, part: str) -> bool:
-        return part in self.features_by_part
+        return part in self.features_by_part or part in self.inputs_by_part
+
+    def teacher_logits(self, part: str = "unlabeled", head: str = "main") -> Tensor:
+        """No-grad logits of the stage's teacher (`stage.teacher`: the EMA model, or a frozen
+        copy of the model as the stage started) on `part`'s inputs; computed once per step."""
+        if self._teacher is None:
+            raise LtframeError("this stage has no teacher model: set stage.ema > 0 (teacher = "
+                               "\"ema\") or stage.teacher = \"start\"")
+        key = self._input_part(part)
+        if key not in self._teacher_cache:
+            self._teacher_cache[key] = self._teacher(key)
+        by_head = self._teacher_cache[key][1]
+        if head not in by_head:
+            raise LtframeError(f"no head '{head}' in the teacher (heads: {', '.join(by_head)})")
+        return by_head[head]
+
+    def predict_no_grad(self, x: Tensor, head: str = "main") -> Tensor:
+        """No-grad logits of the model being trained on `x` (BatchNorm normalises with the
+        batch's statistics but its running statistics are left unchanged), e.g. for an input
+        transform that guesses labels before the training forward."""
+        if self._student_no_grad is None:
+            raise LtframeError("predict_no_grad is only available during a training step")
+        return self._student_no_grad(x)[1][head]
 
 
 class LossTerm(Protocol):
@@ -73,9 +125,45 @@ class LossTerm(Protocol):
 
 
 class PseudoLabeler(Protocol):
-    """A `pseudo_labeler` component: teacher outputs in `ctx` -> targets + mask."""
+    """A `pseudo_labeler` component: teacher outputs in `ctx` -> targets + mask (online, every
+    step). A labeler that can also label a whole pool between stages (offline mode, used by
+    `stage.label`) implements `label_pool(pool) -> PoolLabels`."""
 
     def __call__(self, ctx: StepContext) -> PseudoLabels: ...
+
+
+class InputTransform(Protocol):
+    """A `transform` component: runs after the views and before the training forward. It may
+    replace `ctx.inputs_by_part[part]` (same batch size) and put targets it made (e.g. mixed
+    soft targets) in `ctx.extras` for its loss; `ctx.predict_no_grad` and
+    `ctx.teacher_logits` give label guesses. Logits and features are not yet filled in."""
+
+    def __call__(self, ctx: StepContext) -> None: ...
+
+
+@dataclass
+class PoolPredictions:
+    """What an offline pseudo-labeler sees: the evaluation model's class probabilities for every
+    sample of a pool (un-augmented images), never the pool's true labels."""
+
+    index: Tensor  # int64 [N] dataset indices (train set)
+    probs: Tensor  # float32 [N, C] softmax of the evaluation head (CPU)
+    num_classes: int
+    class_counts: Tensor  # labeled counts per class (CPU)
+    stage_index: int
+    stage_name: str
+    logits: Tensor | None = None  # float32 [N, C] (e.g. for temperature-scaled soft targets)
+
+
+@dataclass
+class PoolLabels:
+    """What an offline pseudo-labeler keeps: a subset of the pool with hard (int64 [K]) or soft
+    (float [K, C]) targets and per-sample weights (float [K])."""
+
+    index: Tensor
+    targets: Tensor
+    weight: Tensor
+    confidence: Tensor | None = None  # float [K], for the written list
 
 
 def split_outputs(feats: Tensor, logits: dict[str, Tensor], sizes: dict[str, int]

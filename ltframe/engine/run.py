@@ -86,6 +86,9 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
     summary = {
         **{k: v for k, v in final.items() if k not in ("stage", "index", "steps", "eval_head")},
         "stages": trainer.history,
+        # whole-pool labellings (per generation / loop): per-class precision / recall, counts
+        "pseudo_labels": [{"stage": h["stage"], **h["pool_labels"]}
+                          for h in trainer.history if "pool_labels" in h],
         "classes": run.data.source.classes,
         "labeled_counts": run.data.labeled_counts.tolist(),
         "images_per_s": trainer.images_per_s,
@@ -226,9 +229,11 @@ def evaluate_checkpoint(target: str | Path, overrides: list[str] | None = None) 
     logits = predict(run.model, d.test, torch.arange(d.test_labels.numel()), d.source.mean,
                      d.source.std, recipe.eval.batch_size, _eval_head(recipe, side),
                      run.device.type == "cuda" and recipe.run.precision == "bf16")
+    hist = side.get("history") or []
+    prior = torch.tensor(hist[-1]["train_counts"]) if hist and "train_counts" in hist[-1] else None
     metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                               recipe.eval.many_threshold, recipe.eval.few_threshold,
-                              recipe.eval.posthoc_tau)
+                              recipe.eval.posthoc_tau, prior)
     metrics["checkpoint"] = str(side_path.with_suffix(".safetensors"))
     return metrics
 

@@ -8,9 +8,9 @@ and are synced only every `run.log_every` steps and at epoch ends.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,13 @@ from ltframe.data.samplers import BatchStream
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
+from ltframe.engine.forward import forward_no_grad
+from ltframe.engine.labelling import check_offline, label_pool
 from ltframe.engine.report import Reporter
+from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
-from ltframe.errors import NonFiniteLossError, RecipeError
+from ltframe.engine.targets import TargetTable
+from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
 from ltframe.eval.evaluate import evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
@@ -53,7 +57,12 @@ class Trainer:
         self.images_per_s: float | None = None
         # true labels of the training pool: pseudo-label diagnostics only, never a training target
         self.hidden = run.data.source.train_labels.to(self.device)
+        # every training label comes from this table (labeled: true labels; pseudo: selected)
+        d = run.data
+        self.table = TargetTable(len(d.train), d.num_classes, d.splits.labeled, d.labeled_labels)
         self.position: tuple[str, int, int] = ("", 0, 0)  # (stage, step being run, total)
+        # post-hoc adjustment prior: class counts of what the current stage trains on
+        self.prior_counts: Tensor | None = None
 
     # --- metrics file ---------------------------------------------------------------------
     def log(self, event: str, **data: Any) -> None:
@@ -106,7 +115,7 @@ class Trainer:
                          head or rc.model.eval_head, self.autocast, self.channels_last)
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                                   rc.eval.many_threshold, rc.eval.few_threshold,
-                                  rc.eval.posthoc_tau)
+                                  rc.eval.posthoc_tau, self.prior_counts)
         for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
                                                        labels=d.test_labels.cpu()):
             if extra:
@@ -138,48 +147,72 @@ class Trainer:
             out[path] = head.fit(feats, d.labeled_labels, val_feats, d.val_labels) or {}
         return out
 
-    def _make_streams(self, plan: StagePlan) -> dict[str, BatchStream]:
-        """Labeled and/or unlabeled batch streams for the stage's `data` setting."""
+    def _make_streams(self, plan: StagePlan, index: Tensor) -> dict[str, BatchStream]:
+        """The supervised stream over `index` (labeled and/or pseudo-labelled samples, with
+        the target table's labels) and/or the unlabeled stream, per the stage's `data`."""
         cfg, reg, d = plan.cfg, self.run.registry, self.data
         batch = cfg.batch_size or self.recipe.data.batch_size
         if self.run.smoke:
             batch = min(batch, SMOKE_BATCH)
-        use_l = cfg.data in ("labeled", "labeled+unlabeled")
+        parts = cfg.data.split("+")
         seed = self.recipe.run.seed * 1000 + plan.index
         # with the default steps_per_epoch, stage epoch e is the main sampler's epoch e
         aligned = dict(epoch_aligned=not cfg.steps_per_epoch, drop_last=cfg.drop_last)
         streams: dict[str, BatchStream] = {}
-        if use_l:
-            sampler = reg.build(cfg.sampler, labels=d.labeled_labels, num_classes=d.num_classes,
-                                seed=seed, rank=0, world_size=1)
-            streams["labeled"] = BatchStream(sampler, d.splits.labeled, batch, **aligned)
-        if cfg.data in ("unlabeled", "labeled+unlabeled"):
-            n_u = d.splits.unlabeled.numel()
-            if n_u == 0:
-                raise RecipeError(f"stage[{plan.index}].data uses unlabeled data but the split "
-                                  "has none; set data.split (e.g. name = \"fraction\")")
-            unknown = torch.full((n_u,), -1, dtype=torch.long)  # true labels stay hidden
+        supervised = "labeled" in parts or "pseudo" in parts
+        if supervised:
+            sampler = reg.build(cfg.sampler, labels=self.table.labels[index],
+                                num_classes=d.num_classes, seed=seed, rank=0, world_size=1)
+            streams["labeled"] = BatchStream(sampler, index, batch, **aligned)
+        if "unlabeled" in parts:
+            pool = (d.splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
+                    else torch.cat([d.splits.labeled, d.splits.unlabeled]))
+            unknown = torch.full((pool.numel(),), -1, dtype=torch.long)  # no labels reach it
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
                                   seed=seed + 500, rank=0, world_size=1)
-            u_batch = batch * (cfg.unlabeled_ratio if use_l else 1)
-            streams["unlabeled"] = BatchStream(sampler_u, d.splits.unlabeled, u_batch,
-                                               **({} if use_l else aligned))
+            u_batch = batch * (cfg.unlabeled_ratio if supervised else 1)
+            streams["unlabeled"] = BatchStream(sampler_u, pool, u_batch,
+                                               **({} if supervised else aligned))
         return streams
 
-    def _gather_inputs(self, streams: dict[str, BatchStream], views: dict[str, list]
-                       ) -> tuple[Tensor, dict[str, int], dict[str, str], Tensor | None, Tensor | None]:
+    def _stage_index(self, plan: StagePlan) -> Tensor:
+        """The supervised samples of a stage (labeled and/or pseudo-labelled), checked."""
+        cfg, d = plan.cfg, self.data
+        parts = cfg.data.split("+")
+        where = f"stage '{plan.name}' (stage[{plan.index}])"
+        if "unlabeled" in parts and d.splits.unlabeled.numel() == 0:
+            raise RecipeError(f"{where}.data = \"{cfg.data}\" uses unlabeled data but the split has "
+                              "none; set data.split (e.g. name = \"fraction\")")
+        if cfg.pseudo_labeler is not None and "unlabeled" not in parts:
+            raise RecipeError(f"{where}.pseudo_labeler: an online pseudo-labeler needs unlabeled "
+                              f"batches but data = \"{cfg.data}\"; use data = \"labeled+unlabeled\" "
+                              "or drop pseudo_labeler (whole-pool labelling is stage.label)")
+        index = self.table.index([p for p in parts if p in ("labeled", "pseudo")])
+        if "pseudo" in parts and self.table.pseudo.numel() == 0 and self.table.generation == 0:
+            raise RecipeError(f"{where}.data = \"{cfg.data}\" trains on pseudo-labelled samples "
+                              "but no earlier stage labelled the pool; set `label` on an earlier "
+                              "stage (e.g. label = {name = \"threshold\"})")
+        return index
+
+    def _gather_inputs(self, st: Stage) -> tuple[Tensor, dict[str, int], dict[str, str], dict]:
         """Next batch of every stream through every view: (inputs, part sizes, aliases,
-        labeled targets, unlabeled indices)."""
+        {targets, weights, soft_targets, indices})."""
         inputs, sizes, aliases = [], {}, {}
-        targets = idx_u = None
-        for split, stream in streams.items():
+        labels, weight, soft_pos, soft = self.table.on(self.device)
+        out: dict[str, Any] = {"targets": None, "weights": None, "soft_targets": None,
+                               "indices": {}}
+        for split, stream in st.streams.items():
             idx = stream.next()
             x = self.data.train.get(idx)
-            if split == "labeled":
-                targets = self.data.source.train_labels[idx].to(self.device, non_blocking=True)
-            else:
-                idx_u = idx
-            for j, (vname, view) in enumerate(views[split]):
+            idx_d = idx.to(self.device, non_blocking=True)
+            out["indices"][split] = idx_d
+            if split == "labeled":  # targets from the run's table, never the source's labels
+                out["targets"] = labels[idx_d]
+                if st.weighted:
+                    out["weights"] = weight[idx_d]
+                if st.soft:
+                    out["soft_targets"] = soft[soft_pos[idx_d]]
+            for j, (vname, view) in enumerate(st.views[split]):
                 part = f"{split}:{vname}"
                 part = part if part not in sizes else f"{part}#{j}"
                 xv = view(x, self.aug_gen)
@@ -190,7 +223,7 @@ class Trainer:
         x_all = torch.cat(inputs)
         if self.channels_last:
             x_all = x_all.contiguous(memory_format=torch.channels_last)
-        return x_all, sizes, aliases, targets, idx_u
+        return x_all, sizes, aliases, out
 
     # --- the stage loop -------------------------------------------------------------------
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
@@ -212,16 +245,17 @@ class Trainer:
         return self._end_stage(st)
 
     # --- stage setup ----------------------------------------------------------------------
-    def _setup_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None) -> _Stage:
+    def _setup_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None) -> Stage:
         """Modes, streams, schedule, optimizer, loss terms, pseudo-labeler, views and EMA of
         a stage; restored from `resume` when the stage is continued mid-way."""
         cfg, rc, reg, d = plan.cfg, self.recipe, self.run.registry, self.data
         self.set_mode(cfg.train, cfg.frozen_bn)
         self.record = EvalRecord(rc.eval.report, rc.eval.last_k)  # this stage's evaluations
+        index = self._stage_index(plan)
         if resume is None:
             for path in cfg.reset:
                 self.model.reset(path)
-        streams = self._make_streams(plan)
+        streams = self._make_streams(plan, index)
         main = streams["labeled" if "labeled" in streams else "unlabeled"]
         spe = cfg.steps_per_epoch or main.batches_per_epoch()
         total = cfg.steps or cfg.epochs * spe  # 0 for a fit-only stage
@@ -232,43 +266,56 @@ class Trainer:
             raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
                               "name parts such as 'backbone' or 'heads.main'")
         optimizer = reg.build(plan.optim.optimizer, params=params) if params else None
-        counts = d.labeled_counts.to(self.device)
+        # class counts of what the stage trains on (labeled, plus pseudo-labelled samples)
+        counts = (self.table.class_counts(index) if index.numel() else d.labeled_counts)
+        counts = counts.to(self.device)
+        self.prior_counts = counts.cpu()
+        ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train))
         losses: list[tuple[str, float, Any]] = []
         for i, spec in enumerate(cfg.loss):
             name = spec.name if spec.name not in [n for n, _, _ in losses] else f"{spec.name}{i}"
-            losses.append((name, spec.weight,
-                           reg.build(spec, num_classes=d.num_classes, class_counts=counts)))
+            losses.append((name, spec.weight, reg.build(spec, **ctx_kw)))
             self._register_component(f"loss.{name}", losses[-1][2])
-        labeler = (reg.build(cfg.pseudo_labeler, num_classes=d.num_classes, class_counts=counts)
-                   if cfg.pseudo_labeler else None)
+        labeler = reg.build(cfg.pseudo_labeler, **ctx_kw) if cfg.pseudo_labeler else None
         if labeler is not None:
             self._register_component("pseudo_labeler", labeler)
+        transform = reg.build(cfg.transform, **ctx_kw) if cfg.transform else None
+        if transform is not None:
+            self._register_component("transform", transform)
+        if cfg.label is not None:  # fail before training, not after it
+            check_offline(reg.build(cfg.label, **ctx_kw), plan)
         mean, std = d.source.mean, d.source.std
         views = {split: [(v.name, reg.build(v, mean=mean, std=std)) for v in specs]
                  for split, specs in (("labeled", cfg.views.labeled),
                                       ("unlabeled", cfg.views.unlabeled))}
-        st = _Stage(
+        st = Stage(
             plan=plan, spe=spe, total=total,
             schedule=reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total),
             optimizer=optimizer,
             base_lrs=[g["lr"] for g in optimizer.param_groups] if optimizer else [],
             counts=counts, losses=losses, labeler=labeler, views=views, streams=streams,
             ema=EMA(self.model, cfg.ema) if cfg.ema > 0 else None,
-            acc=_Accumulators(self.device, [n for n, _, _ in losses], d.num_classes),
+            acc=Accumulators(self.device, [n for n, _, _ in losses], d.num_classes),
+            transform=transform,
+            teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
+            soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
         )
         if resume is not None:
             self._restore_stage(st, *resume)
         return st
 
-    def _restore_stage(self, st: _Stage, tensors: dict[str, Tensor], meta: dict) -> None:
+    def _restore_stage(self, st: Stage, tensors: dict[str, Tensor], meta: dict) -> None:
         st.start = st.acc.last_good = int(meta["step"])
         opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
         opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}  # JSON keys
         st.optimizer.load_state_dict(opt_state)
         for k, s in st.streams.items():
             s.load_state_dict(meta["streams"][k])
+        where = meta.get("tensors", "checkpoint")
         if st.ema is not None:
-            ckpt.load_module_state(st.ema.module, tensors, "ema", meta.get("tensors", "checkpoint"))
+            ckpt.load_module_state(st.ema.module, tensors, "ema", where)
+        if st.teacher is not None:
+            ckpt.load_module_state(st.teacher, tensors, "teacher", where)
         self.record.load_state_dict(meta.get("record") or {})
         comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
         for name, comp in self.components.items():
@@ -276,28 +323,37 @@ class Trainer:
                 comp.load_state_dict(comp_state[name])
 
     # --- one step -------------------------------------------------------------------------
-    def _step(self, st: _Stage, step: int, epoch: int) -> StepContext:
-        """lr, inputs, one forward over all parts, pseudo-labels, loss terms, update, EMA."""
+    def _step(self, st: Stage, step: int, epoch: int) -> StepContext:
+        """lr, inputs, input transform, one forward over all parts, pseudo-labels, loss terms,
+        update, EMA."""
         factor = st.schedule(step)
         for g, lr0 in zip(st.optimizer.param_groups, st.base_lrs, strict=True):
             g["lr"] = lr0 * factor
-        x_all, sizes, aliases, targets, idx_u = self._gather_inputs(st.streams, st.views)
+        x_all, sizes, aliases, got = self._gather_inputs(st)
+        x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
+        for alias, part in aliases.items():
+            x_parts[alias] = x_parts[part]
+        ctx = StepContext(step=step, epoch=epoch, num_classes=self.data.num_classes,
+                          class_counts=st.counts, targets=got["targets"],
+                          features_by_part={}, logits_by_part={}, model=self.model,
+                          inputs_by_part=x_parts, indices_by_part=got["indices"],
+                          weights=got["weights"], soft_targets=got["soft_targets"],
+                          _teacher=self._teacher_fn(st, x_parts),
+                          _student_no_grad=lambda x: forward_no_grad(self.model, x, True,
+                                                                     self.autocast))
+        if st.transform is not None:
+            x_all = self._transformed(st, ctx, sizes, aliases, x_all)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             feats, logits = self.model(x_all)
         logits = {k: v.float() for k, v in logits.items()}
         f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
-        x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
         for alias, part in aliases.items():
             f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
-            x_parts[alias] = x_parts[part]
-        ctx = StepContext(step=step, epoch=epoch, num_classes=self.data.num_classes,
-                          class_counts=st.counts, targets=targets,
-                          features_by_part=f_parts, logits_by_part=l_parts,
-                          model=self.model, inputs_by_part=x_parts)
+        ctx.features_by_part, ctx.logits_by_part = f_parts, l_parts
         if st.labeler is not None:
             ctx.pseudo = st.labeler(ctx)
-            if idx_u is not None:
-                st.acc.count_pseudo(ctx.pseudo, self.hidden[idx_u.to(self.device)])
+            if "unlabeled" in ctx.indices_by_part:
+                st.acc.count_pseudo(ctx.pseudo, self.hidden[ctx.indices_by_part["unlabeled"]])
         loss = st.acc.zero
         for name, weight, term in st.losses:
             value = term(ctx)
@@ -312,8 +368,38 @@ class Trainer:
         st.acc.add(ctx.losses, x_all.shape[0])
         return ctx
 
+    def _teacher_fn(self, st: Stage, x_parts: dict[str, Tensor]) -> Any:
+        teacher = st.teacher_model()
+        if teacher is None:
+            return None
+        batch_stats = st.plan.cfg.teacher_bn == "batch"
+        return lambda part: forward_no_grad(teacher, x_parts[part], batch_stats, self.autocast)
+
+    def _transformed(self, st: Stage, ctx: StepContext, sizes: dict[str, int],
+                     aliases: dict[str, str], x_all: Tensor) -> Tensor:
+        """Run the stage's input transform; the inputs it replaced (same batch sizes) are
+        concatenated for the training forward."""
+        before = dict(ctx.inputs_by_part)
+        st.transform(ctx)
+        for alias, part in aliases.items():  # a transform may write either name
+            if ctx.inputs_by_part[alias] is not before[alias]:
+                ctx.inputs_by_part[part] = ctx.inputs_by_part[alias]
+            ctx.inputs_by_part[alias] = ctx.inputs_by_part[part]
+        xs = [ctx.inputs_by_part[p] for p in sizes]
+        for p, x in zip(sizes, xs, strict=True):
+            if x.shape != before[p].shape:
+                raise LtframeError(f"stage '{st.plan.name}'.transform changed the shape of "
+                                   f"'{p}' from {tuple(before[p].shape)} to {tuple(x.shape)}; "
+                                   "a transform must keep each part's batch and image size")
+        if all(x is before[p] for p, x in zip(sizes, xs, strict=True)):
+            return x_all
+        x_all = torch.cat(xs)
+        if self.channels_last:
+            x_all = x_all.contiguous(memory_format=torch.channels_last)
+        return x_all
+
     # --- after a step: logging, end of epoch, checkpoints ---------------------------------
-    def _after_step(self, st: _Stage, done: int, epoch: int) -> None:
+    def _after_step(self, st: Stage, done: int, epoch: int) -> None:
         end_epoch = done % st.spe == 0 or done == st.total
         if done % self.recipe.run.log_every == 0 or end_epoch:
             self._log_train(st, done, epoch)
@@ -321,10 +407,10 @@ class Trainer:
             self._end_epoch(st, done, epoch)
         elif self.recipe.run.checkpoint_every and done % self.recipe.run.checkpoint_every == 0:
             self._check_finite(st.acc.bad, st.acc.sums, st.plan, st.acc.last_good, done)
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema)
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher)
             st.acc.last_good = done
 
-    def _log_train(self, st: _Stage, done: int, epoch: int) -> None:
+    def _log_train(self, st: Stage, done: int, epoch: int) -> None:
         """Sync the accumulated loss terms (the only per-interval host sync), check them."""
         acc = st.acc
         self._check_finite(acc.bad, acc.sums, st.plan, acc.last_good, done)
@@ -338,7 +424,7 @@ class Trainer:
         self.reporter.progress(done, {**means, "lr": lr, "images_per_s": ips})
         acc.reset_interval()
 
-    def _end_epoch(self, st: _Stage, done: int, epoch: int) -> None:
+    def _end_epoch(self, st: Stage, done: int, epoch: int) -> None:
         """Evaluation (per `eval_every`), pseudo-label diagnostics, checkpoint, epoch hook."""
         cfg, n = st.plan.cfg, self.data.num_classes
         metrics: dict[str, Any] = {}
@@ -350,15 +436,16 @@ class Trainer:
             plm = pseudo_label_metrics(st.acc.confusion.view(n, n))
             self.log("pseudo_labels", stage=st.plan.name, epoch=epoch, **plm)
             metrics.update(plm)
+            st.online = plm
             st.acc.confusion.zero_()
         if not last:
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema)
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher)
             st.acc.last_good = done
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
 
     # --- end of a stage -------------------------------------------------------------------
-    def _end_stage(self, st: _Stage) -> dict:
+    def _end_stage(self, st: Stage) -> dict:
         """Fit heads, record the stage's result, keep the evaluated weights, checkpoint."""
         plan, cfg, rc = st.plan, st.plan.cfg, self.recipe
         total, ema = st.total, st.ema
@@ -369,11 +456,16 @@ class Trainer:
             self._record_eval(plan, eval_model, max(total // st.spe - 1, 0), total)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
                   "eval_head": cfg.eval_head or rc.model.eval_head,
+                  "train_counts": st.counts.tolist(),  # the prior of post-hoc adjustment
                   **self.record.summary()}
-        self.history.append(result)
-        # the stage is done: the next checkpoint starts the next stage at step 0
+        if st.online is not None:  # the last epoch's online pseudo-label precision / recall
+            result["online_pseudo_labels"] = st.online
         if ema is not None:  # later stages continue from the weights that were evaluated
             self.model.load_state_dict(ema.module.state_dict())
+        if cfg.label is not None:  # whole-pool labelling for later stages
+            result["pool_labels"] = label_pool(self, plan, self.model)
+        self.history.append(result)
+        # the stage is done: the next checkpoint starts the next stage at step 0
         self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
                    next_stage=True)
         self.log("stage_end", **result)
@@ -402,17 +494,22 @@ class Trainer:
 
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
               streams: dict[str, BatchStream], ema: EMA | None, stem: str | None = None,
-              next_stage: bool = False) -> None:
+              next_stage: bool = False, teacher: torch.nn.Module | None = None) -> None:
         tensors: dict[str, Tensor] = {}
         for k, v in self.model.state_dict().items():
             tensors[f"model.{k}"] = v
         if ema is not None:
             for k, v in ema.module.state_dict().items():
                 tensors[f"ema.{k}"] = v
+        if teacher is not None:
+            for k, v in teacher.state_dict().items():
+                tensors[f"teacher.{k}"] = v
+        for k, v in self.table.state_dict().items():
+            tensors[f"targets.{k}"] = v
         rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        bad = ckpt.nonfinite(tensors)
+        bad = ckpt.nonfinite({k: v for k, v in tensors.items() if not k.startswith("targets.")})
         if bad:
             kept = self._kept()
             self.log("error", stage=plan.name, step=step, error="non-finite weights", tensors=bad[:5])
@@ -452,66 +549,18 @@ class Trainer:
         if self.cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.history = list(meta.get("history", []))
+        if any(k.startswith("targets.") for k in tensors):
+            self.table.load_state_dict({k[8:]: v for k, v in tensors.items()
+                                        if k.startswith("targets.")})
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A no-grad, eval-mode copy of `model` (a teacher fixed at the start of a stage)."""
+    copy_ = copy.deepcopy(model).eval()
+    copy_.requires_grad_(False)
+    return copy_
 
 
 def _has_hookimpls(obj: Any) -> bool:
     return any(hasattr(getattr(type(obj), n, None), "ltframe_impl")
                for n in dir(type(obj)) if n.startswith("ltframe_"))
-
-
-class _Accumulators:
-    """Loss sums, NaN flag, pseudo-label confusion and throughput kept on the device between
-    log intervals, so a step never syncs with the host."""
-
-    def __init__(self, device: torch.device, loss_names: list[str], num_classes: int) -> None:
-        self.zero = torch.zeros((), device=device)
-        self.sums = {name: self.zero.clone() for name in [*loss_names, "total"]}
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.confusion = torch.zeros(num_classes * num_classes, device=device)
-        self.num_classes = num_classes
-        self.n = 0
-        self.imgs = 0
-        self.t_log = time.perf_counter()
-        self.last_good = 0  # the step of the last checkpoint written in this stage
-
-    def add(self, losses: dict[str, Tensor], images: int) -> None:
-        for k, v in losses.items():
-            self.sums[k] += v.detach()
-        self.bad |= ~torch.isfinite(losses["total"].detach())
-        self.n += 1
-        self.imgs += images
-
-    def count_pseudo(self, pseudo: Any, true: Tensor) -> None:
-        """Diagnostics only: pseudo-labels of the selected samples against hidden labels."""
-        pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
-        self.confusion += torch.bincount(true * self.num_classes + pl,
-                                         weights=(pseudo.mask > 0).float(),
-                                         minlength=self.num_classes ** 2)
-
-    def reset_interval(self) -> None:
-        for k in self.sums:
-            self.sums[k] = self.zero.clone()
-        self.n, self.imgs, self.t_log = 0, 0, time.perf_counter()
-
-
-@dataclass
-class _Stage:
-    """Everything a running stage holds: its plan, step counts and built components."""
-
-    plan: StagePlan
-    spe: int
-    total: int
-    schedule: Any
-    optimizer: Any
-    base_lrs: list[float]
-    counts: Tensor
-    losses: list[tuple[str, float, Any]]
-    labeler: Any
-    views: dict[str, list]
-    streams: dict[str, BatchStream]
-    ema: EMA | None
-    acc: _Accumulators
-    start: int = 0
-
-    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else model

@@ -15,7 +15,7 @@ def _batched(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batc
              forward, autocast: bool = False, channels_last: bool = False) -> Tensor:
     """`forward(model, x)` over un-augmented batches of `index`, in eval mode; float32 CPU."""
     view = NoneView(NoneParams(), mean, std)
-    was_training = model.training
+    modes = [m.training for m in model.modules()]  # frozen parts stay in eval mode afterwards
     model.eval()
     outs = []
     try:
@@ -26,7 +26,8 @@ def _batched(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batc
             with torch.autocast(store.device.type, dtype=torch.bfloat16, enabled=autocast):
                 outs.append(forward(model, x).float().cpu())
     finally:
-        model.train(was_training)
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
@@ -53,14 +54,17 @@ def adjust_logits(logits: Tensor, train_counts: Tensor, tau: float) -> Tensor:
 
 
 def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
-                    few: int, posthoc_tau: float | list[float] = 0.0) -> dict:
-    """Metrics of `logits`, adjusted post hoc by `posthoc_tau` (see `adjust_logits`).
+                    few: int, posthoc_tau: float | list[float] = 0.0,
+                    prior_counts: Tensor | None = None) -> dict:
+    """Metrics of `logits`, adjusted post hoc by `posthoc_tau` (see `adjust_logits`) with the
+    prior of `prior_counts` (default `train_counts`, which also defines many/medium/few).
 
     With a list of taus the first one gives the metrics and `rows` holds the main metrics of
     every tau (one row each, `posthoc_tau` included)."""
     taus = posthoc_tau if isinstance(posthoc_tau, list) else [posthoc_tau]
     counts = train_counts.cpu().long()
-    results = [classification_metrics(adjust_logits(logits, counts, t), labels.cpu(), counts,
+    prior = counts if prior_counts is None else prior_counts.cpu().long()
+    results = [classification_metrics(adjust_logits(logits, prior, t), labels.cpu(), counts,
                                       many, few) for t in taus]
     out = results[0]
     if isinstance(posthoc_tau, list):

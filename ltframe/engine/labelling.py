@@ -1,0 +1,97 @@
+"""Whole-pool labelling between stages (`stage.label`).
+
+The evaluation model predicts every sample of the pool (un-augmented), a pseudo-labeler in
+offline mode (`label_pool`) keeps a subset with targets and weights, the run's target table
+takes it (replacing the previous selection), and the selection is written to
+`RUN/pseudo_labels/stage<i>-<name>.csv` (+ `.safetensors` with soft targets). Diagnostics
+against the hidden labels (per-class precision / recall, counts) are returned and logged; they
+never reach training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from ltframe.engine.checkpoint import atomic_write_bytes, atomic_write_text
+from ltframe.engine.context import PoolLabels, PoolPredictions
+from ltframe.engine.stages import StagePlan
+from ltframe.errors import RecipeError
+from ltframe.eval.evaluate import predict
+from ltframe.eval.metrics import pseudo_label_metrics
+
+SMOKE_POOL = 256
+
+
+def pool_index(data: Any, which: str, plan: StagePlan, smoke: bool) -> Tensor:
+    splits = data.splits
+    index = {"unlabeled": splits.unlabeled, "labeled": splits.labeled,
+             "all": torch.cat([splits.labeled, splits.unlabeled])}[which]
+    if index.numel() == 0:
+        raise RecipeError(f"stage '{plan.name}'.label_pool = \"{which}\" but that split is empty; "
+                          "set data.split (e.g. name = \"fraction\") or label_pool")
+    return index[:SMOKE_POOL] if smoke else index
+
+
+def check_offline(labeler: Any, plan: StagePlan) -> None:
+    if not callable(getattr(labeler, "label_pool", None)):
+        raise RecipeError(f"stage '{plan.name}'.label: pseudo-labeler '{plan.cfg.label.name}' "
+                          "has no offline mode (no label_pool method); use one that has, "
+                          "e.g. \"threshold\"")
+
+
+def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
+    """Label the stage's pool with `model`, update the target table, write the selection and
+    return the diagnostics (also logged as a `pool_labels` event)."""
+    cfg, d, run = plan.cfg, trainer.data, trainer.run
+    counts = d.labeled_counts
+    labeler = run.registry.build(cfg.label, num_classes=d.num_classes, class_counts=counts,
+                                 num_samples=len(d.train))
+    check_offline(labeler, plan)
+    index = pool_index(d, cfg.label_pool, plan, run.smoke)
+    head = cfg.label_head or cfg.eval_head or trainer.recipe.model.eval_head
+    logits = predict(model, d.train, index, d.source.mean, d.source.std,
+                     trainer.recipe.eval.batch_size, head, trainer.autocast, trainer.channels_last)
+    pool = PoolPredictions(index=index, probs=logits.softmax(1), num_classes=d.num_classes,
+                           class_counts=counts.cpu(), stage_index=plan.index, stage_name=plan.name,
+                           logits=logits)
+    sel: PoolLabels = labeler.label_pool(pool)
+    trainer.table.apply(sel.index, sel.targets, sel.weight)
+    _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel)
+    diag = diagnostics(sel, trainer.hidden.cpu(), trainer.table, d.num_classes, pool)
+    trainer.log("pool_labels", stage=plan.name, generation=trainer.table.generation, **diag)
+    return diag
+
+
+def diagnostics(sel: PoolLabels, hidden: Tensor, table: Any, num_classes: int,
+                pool: PoolPredictions) -> dict:
+    """Per-class precision / recall of the kept pseudo-labels of unlabeled samples against the
+    hidden labels, how many were kept per class, and the argmax accuracy over the whole pool."""
+    unl = table.pseudo
+    true, pl = hidden[unl], table.labels[unl]
+    confusion = torch.bincount(true * num_classes + pl, minlength=num_classes ** 2)
+    out = pseudo_label_metrics(confusion.view(num_classes, num_classes))
+    out["pl_selected"] = torch.bincount(pl, minlength=num_classes).tolist()
+    is_unl = ~torch.isin(pool.index, table.labeled)  # unlabeled members of the pool
+    if is_unl.any():
+        arg = pool.probs[is_unl].argmax(1)
+        out["pool_accuracy"] = round(100.0 * float((arg == hidden[pool.index[is_unl]]).float().mean()), 4)
+        out["pool_predicted"] = torch.bincount(arg, minlength=num_classes).tolist()
+    return out
+
+
+def _write(folder: Path, stem: str, sel: PoolLabels) -> None:
+    soft = sel.targets.dim() == 2
+    hard = sel.targets.argmax(1) if soft else sel.targets
+    conf = sel.confidence if sel.confidence is not None else torch.full_like(sel.weight, float("nan"))
+    rows = "".join(f"{i},{y},{w:.6g},{c:.6g}\n" for i, y, w, c in zip(
+        sel.index.tolist(), hard.tolist(), sel.weight.tolist(), conf.tolist(), strict=True))
+    atomic_write_text(folder / f"{stem}.csv", "index,label,weight,confidence\n" + rows)
+    if soft:
+        atomic_write_bytes(folder / f"{stem}.safetensors",
+                           st_save({"index": sel.index.contiguous(),
+                                    "soft": sel.targets.float().contiguous()}))

@@ -1,0 +1,82 @@
+"""What a running stage holds: its built components and the on-device accumulators."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ltframe.data.samplers import BatchStream
+from ltframe.engine.ema import EMA
+from ltframe.engine.stages import StagePlan
+
+
+class Accumulators:
+    """Loss sums, NaN flag, pseudo-label confusion and throughput kept on the device between
+    log intervals, so a step never syncs with the host."""
+
+    def __init__(self, device: torch.device, loss_names: list[str], num_classes: int) -> None:
+        self.zero = torch.zeros((), device=device)
+        self.sums = {name: self.zero.clone() for name in [*loss_names, "total"]}
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.confusion = torch.zeros(num_classes * num_classes, device=device)
+        self.num_classes = num_classes
+        self.n = 0
+        self.imgs = 0
+        self.t_log = time.perf_counter()
+        self.last_good = 0  # the step of the last checkpoint written in this stage
+
+    def add(self, losses: dict[str, Tensor], images: int) -> None:
+        for k, v in losses.items():
+            self.sums[k] += v.detach()
+        self.bad |= ~torch.isfinite(losses["total"].detach())
+        self.n += 1
+        self.imgs += images
+
+    def count_pseudo(self, pseudo: Any, true: Tensor) -> None:
+        """Diagnostics only: pseudo-labels of the selected samples against hidden labels."""
+        pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
+        self.confusion += torch.bincount(true * self.num_classes + pl,
+                                         weights=(pseudo.mask > 0).float(),
+                                         minlength=self.num_classes ** 2)
+
+    def reset_interval(self) -> None:
+        for k in self.sums:
+            self.sums[k] = self.zero.clone()
+        self.n, self.imgs, self.t_log = 0, 0, time.perf_counter()
+
+
+@dataclass
+class Stage:
+    """Everything a running stage holds: its plan, step counts and built components."""
+
+    plan: StagePlan
+    spe: int
+    total: int
+    schedule: Any
+    optimizer: Any
+    base_lrs: list[float]
+    counts: Tensor
+    losses: list[tuple[str, float, Any]]
+    labeler: Any
+    views: dict[str, list]
+    streams: dict[str, BatchStream]
+    ema: EMA | None
+    acc: Accumulators
+    start: int = 0
+    transform: Any = None
+    teacher: torch.nn.Module | None = None  # stage.teacher = "start": frozen copy at stage start
+    soft: bool = False  # the supervised samples all have soft targets in the table
+    weighted: bool = False  # some supervised sample has a weight other than 1
+    online: dict | None = None  # last epoch's online pseudo-label diagnostics
+
+    def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else model
+
+    def teacher_model(self) -> torch.nn.Module | None:
+        if self.plan.cfg.teacher == "start":
+            return self.teacher
+        return self.ema.module if self.ema is not None else None
