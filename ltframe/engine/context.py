@@ -40,6 +40,7 @@ class StepContext:
     losses: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the LTModel being trained (e.g. for a momentum encoder)
+    total_steps: int = 0  # steps of the stage (for ramp-ups)
     inputs_by_part: dict[str, Tensor] = field(default_factory=dict)  # augmented input batches
     # dataset indices (into the source's train set, on the device) of each part's samples
     indices_by_part: dict[str, Tensor] = field(default_factory=dict)
