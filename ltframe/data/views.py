@@ -269,7 +269,7 @@ def posterize(x: Tensor, m: Tensor) -> Tensor:
     """F.posterize(uint8 image, bits=floor(m)): keep the top bits of each uint8 level."""
     bits = m.floor().clamp(1, 8)
     step = _col(2.0 ** (8 - bits))
-    out = (x * 255 / step).floor_() * step / 255
+    out = (_to_levels(x) / step).floor_() * step / 255
     return torch.where(_col(bits) >= 8, x, out)
 
 
