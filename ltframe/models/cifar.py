@@ -83,6 +83,10 @@ class WideResNet(_TimmClassifierMixin):
         self.act = nn.LeakyReLU(leaky_slope, inplace=True)
         self.num_features = widths[3]
         self._make_fc(num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """FixMatch's WRN initialisation (also used when a stage resets the backbone)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -134,6 +138,10 @@ class ResNetCifar(_TimmClassifierMixin):
         self.layers = nn.Sequential(*layers)
         self.num_features = 64
         self._make_fc(num_classes)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming-normal convolutions and linear layers (LDAM-DRW's resnet32)."""
         for m in self.modules():
             if isinstance(m, nn.Linear | nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)

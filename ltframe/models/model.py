@@ -57,7 +57,19 @@ class LTModel(nn.Module):
 
     @torch.no_grad()
     def reset(self, path: str) -> None:
-        """Re-initialise every submodule of `path` that has reset_parameters()."""
-        for m in self.submodule(path).modules():
+        """Re-initialise `path`: every submodule's reset_parameters() (BatchNorm statistics
+        included), then the model's own `init_weights()` where a module defines one (timm's
+        convention), so a reset backbone starts as a freshly built one."""
+        root = self.submodule(path)
+        for m in root.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
+        done: list[nn.Module] = []
+        for m in root.modules():
+            init = getattr(m, "init_weights", None)
+            if callable(init) and not any(m in list(d.modules()) for d in done):
+                try:
+                    init()
+                except TypeError:  # an init_weights that needs arguments: keep the defaults
+                    continue
+                done.append(m)
