@@ -138,7 +138,8 @@ def test_lr_schedule_contract(entry):
 
 @pytest.mark.parametrize("entry", entries("scheduler"))
 def test_scheduler_contract(entry):
-    stages = [(StageCfg(name=f"s{i}", epochs=1), OptimCfg(None, None)) for i in range(2)]
+    stages = [(StageCfg(name=f"s{i}", epochs=1, data="labeled+unlabeled"), OptimCfg(None, None))
+              for i in range(2)]
     sched = REGISTRY.build(REGISTRY.spec("scheduler", entry.name, "scheduler"), stages=stages)
     history, seen = [], []
     while (plan := sched.next_stage(history)) is not None:

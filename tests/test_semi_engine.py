@@ -192,3 +192,59 @@ def test_bad_semi_stages(tmp_path):
     with pytest.raises(RecipeError, match="uses unlabeled data but the split has none"):
         start_run(tiny_recipe(tmp_path / "c", stage=[dict(SEMI["stage"][0])]),
                   plugins=[("reg", _Register())])
+
+
+class _ModeProbe:
+    def __init__(self):
+        self.modes = []
+
+    @hookimpl
+    def ltframe_step_end(self, run, stage, step, ctx):
+        self.modes.append(run.model.backbone.training)
+
+
+def test_frozen_parts_stay_in_eval_mode_after_evaluation(tmp_path):
+    probe = _ModeProbe()
+    start_run(tiny_recipe(tmp_path, stage=[{"name": "head", "epochs": 3, "steps_per_epoch": 2,
+                                            "train": ["heads.main"], "eval_every": 1}]),
+              plugins=[("probe", probe)])
+    assert len(probe.modes) == 6 and not any(probe.modes)
+
+
+class _TeacherProbe:
+    """Loss that checks indices and the teacher against a manual forward."""
+
+    checked = 0
+
+    def __init__(self, params=None, **_):
+        pass
+
+    def __call__(self, ctx):
+        t = ctx.teacher_logits("unlabeled")
+        assert not t.requires_grad and t.shape == ctx.logits("unlabeled").shape
+        idx = ctx.indices("unlabeled:strong")
+        assert idx.shape[0] == ctx.logits("unlabeled:strong").shape[0]
+        assert ctx.teacher_logits("unlabeled") is t  # computed once per step
+        _TeacherProbe.checked += 1
+        return ctx.logits("unlabeled").sum() * 0
+
+
+class _RegisterProbe:
+    @hookimpl
+    def ltframe_register(self, registry):
+        registry.register("loss", "t_probe", _TeacherProbe)
+
+
+def test_teacher_and_indices_in_step(tmp_path):
+    _TeacherProbe.checked = 0
+    stage = {"name": "s", "epochs": 1, "steps_per_epoch": 2, "data": "labeled+unlabeled",
+             "ema": 0.5, "views": {"unlabeled": ["weak", "strong"]},
+             "loss": ["ce", {"name": "t_probe"}]}
+    start_run(tiny_recipe(tmp_path / "a", data={"split": {"name": "fraction",
+                                                          "labeled_fraction": 0.5}},
+                          stage=[stage]), plugins=[("p", _RegisterProbe())])
+    assert _TeacherProbe.checked == 2
+    with pytest.raises(LtframeError, match="no teacher model"):
+        start_run(tiny_recipe(tmp_path / "b", data={"split": {"name": "fraction",
+                                                              "labeled_fraction": 0.5}},
+                              stage=[dict(stage, ema=0.0)]), plugins=[("p", _RegisterProbe())])
