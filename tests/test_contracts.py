@@ -1,5 +1,6 @@
 """Contract tests, parametrized over every registered component of every kind."""
 
+import copy
 import math
 
 import numpy as np
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from ltframe.data.samplers import IndexSampler
-from ltframe.engine.context import PseudoLabels, StepContext
+from ltframe.engine.context import PoolLabels, PoolPredictions, PseudoLabels, StepContext
+from ltframe.engine.forward import forward_no_grad
+from ltframe.errors import RecipeError
 from ltframe.plugins import make_plugin_manager
 from ltframe.recipe import OptimCfg, StageCfg
 from ltframe.testing import write_cifar_folder, write_image_folder
@@ -43,21 +46,44 @@ PARTS = ("labeled", "labeled:weak", "labeled:moco", "labeled:moco#1", "unlabeled
          "unlabeled:weak", "unlabeled:strong")
 
 
+COUNTS = torch.tensor([50, 10, 1, 0])
+
+
+def toy_teacher(model):
+    """A no-grad teacher that differs from the student (as an EMA model would)."""
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return teacher
+
+
 def toy_ctx(model, targets: torch.Tensor) -> StepContext:
     x = torch.randn(targets.numel(), 3, 4, 4)
     feats, logits = model(x)
-    ctx = StepContext(step=0, epoch=0, num_classes=C, class_counts=torch.tensor([50, 10, 1, 0]),
+    teacher = toy_teacher(model)
+    inputs = {p: x for p in PARTS}
+    ctx = StepContext(step=0, epoch=0, num_classes=C, class_counts=COUNTS,
                       targets=targets, features_by_part={p: feats for p in PARTS},
                       logits_by_part={p: logits for p in PARTS}, model=model,
-                      inputs_by_part={p: x for p in PARTS})
+                      inputs_by_part=inputs,
+                      indices_by_part={"labeled": torch.arange(targets.numel()),
+                                       "unlabeled": torch.arange(100, 100 + targets.numel())},
+                      _teacher=lambda part: forward_no_grad(teacher, inputs[part], False, False),
+                      _student_no_grad=lambda xb: forward_no_grad(model, xb, True, False))
     ctx.pseudo = PseudoLabels(targets.clone(), torch.ones(targets.numel()))
+    # the mixed soft targets a `mixmatch`-style transform leaves for its loss
+    soft = torch.softmax(torch.randn(targets.numel(), C), 1)
+    ctx.extras["mixmatch"] = {"labeled:weak": soft, "unlabeled:weak": soft.flip(0),
+                              "unlabeled:strong": soft.roll(1, 0)}
     return ctx
 
 
 @pytest.mark.parametrize("entry", entries("loss"))
 def test_loss_contract(entry):
     loss = REGISTRY.build(REGISTRY.spec("loss", entry.name, "loss"), num_classes=C,
-                          class_counts=torch.tensor([50, 10, 1, 0]))
+                          class_counts=COUNTS, num_samples=200)
     model = toy_model()
     targets = torch.tensor([0, 0, 1, 2, 0, 1, 0, 1])  # class 2 has 1 sample, class 3 none
     for _ in range(2):  # twice: stateful losses (queues, trackers) see a second step
@@ -71,8 +97,80 @@ def test_loss_contract(entry):
     if hasattr(loss, "state_dict"):
         state = loss.state_dict()
         fresh = REGISTRY.build(REGISTRY.spec("loss", entry.name, "loss"), num_classes=C,
-                               class_counts=torch.tensor([50, 10, 1, 0]))
+                               class_counts=COUNTS, num_samples=200)
         fresh.load_state_dict(state)
+
+
+def _build(kind, name):
+    return REGISTRY.build(REGISTRY.spec(kind, name, kind), num_classes=C, class_counts=COUNTS,
+                          num_samples=200)
+
+
+def _check_pseudo(pl, n):
+    assert isinstance(pl, PseudoLabels)
+    if pl.targets.dim() == 1:
+        assert pl.targets.dtype == torch.long and pl.targets.shape == (n,)
+        assert ((pl.targets >= 0) & (pl.targets < C)).all()
+    else:
+        assert pl.targets.is_floating_point() and pl.targets.shape == (n, C)
+        assert torch.isfinite(pl.targets).all()
+    assert pl.mask.is_floating_point() and pl.mask.shape == (n,)
+    assert ((pl.mask >= 0) & (pl.mask <= 1)).all()
+    assert not pl.targets.requires_grad and not pl.mask.requires_grad
+
+
+@pytest.mark.parametrize("entry", entries("pseudo_labeler"))
+def test_pseudo_labeler_contract(entry):
+    labeler = _build("pseudo_labeler", entry.name)
+    model = toy_model()
+    targets = torch.tensor([0, 0, 1, 2, 0, 1, 0, 1])
+    online = True
+    for _ in range(2):  # twice: stateful labelers (running estimates) see a second step
+        try:
+            pl = labeler(toy_ctx(model, targets))
+        except RecipeError:  # an offline-only labeler says so, and must have label_pool
+            online = False
+            break
+        _check_pseudo(pl, targets.numel())
+    assert online or callable(getattr(labeler, "label_pool", None))
+    if hasattr(labeler, "state_dict"):
+        fresh = _build("pseudo_labeler", entry.name)
+        fresh.load_state_dict(labeler.state_dict())
+        if online:
+            ctx = toy_ctx(model, targets)
+            a, b = labeler(ctx), fresh(ctx)
+            assert torch.equal(a.targets, b.targets) and torch.equal(a.mask, b.mask)
+    if callable(getattr(labeler, "label_pool", None)):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(30, C, generator=g) * 3
+        index = torch.arange(40, 70)
+        pool = PoolPredictions(index=index, probs=logits.softmax(1), num_classes=C,
+                               class_counts=COUNTS, stage_index=0, stage_name="s", logits=logits)
+        sel = labeler.label_pool(pool)
+        assert isinstance(sel, PoolLabels)
+        k = sel.index.numel()
+        assert sel.index.dtype == torch.long and torch.isin(sel.index, index).all()
+        assert sel.index.unique().numel() == k
+        assert sel.targets.shape in ((k,), (k, C))
+        assert sel.weight.shape == (k,) and torch.isfinite(sel.weight).all()
+        assert sel.confidence is None or sel.confidence.shape == (k,)
+
+
+@pytest.mark.parametrize("entry", entries("transform"))
+def test_transform_contract(entry):
+    transform = _build("transform", entry.name)
+    model = toy_model()
+    targets = torch.tensor([0, 0, 1, 2, 0, 1, 0, 1])
+    for step in range(2):
+        ctx = toy_ctx(model, targets)
+        ctx.step = step
+        ctx.features_by_part, ctx.logits_by_part = {}, {}  # before the forward
+        before = {p: (x.shape, x.dtype) for p, x in ctx.inputs_by_part.items()}
+        assert transform(ctx) is None
+        assert set(ctx.inputs_by_part) == set(before)
+        for p, x in ctx.inputs_by_part.items():
+            assert (x.shape, x.dtype) == before[p], p
+            assert torch.isfinite(x).all()
 
 
 def _labels():
