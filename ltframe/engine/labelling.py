@@ -50,7 +50,7 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     cfg, d, run = plan.cfg, trainer.data, trainer.run
     counts = d.labeled_counts
     labeler = run.registry.build(cfg.label, num_classes=d.num_classes, class_counts=counts,
-                                 num_samples=len(d.train))
+                                 num_samples=len(d.train), labeled_counts=counts)
     check_offline(labeler, plan)
     index = pool_index(d, cfg.label_pool, plan, run.smoke)
     head = cfg.label_head or cfg.eval_head or trainer.recipe.model.eval_head

@@ -171,6 +171,8 @@ class Trainer:
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
                                   seed=seed + 500, rank=0, world_size=1)
             u_batch = batch * (cfg.unlabeled_ratio if supervised else 1)
+            if self.run.smoke:
+                u_batch = min(u_batch, 2 * SMOKE_BATCH)
             streams["unlabeled"] = BatchStream(sampler_u, pool, u_batch,
                                                **({} if supervised else aligned))
         return streams
@@ -270,7 +272,8 @@ class Trainer:
         counts = (self.table.class_counts(index) if index.numel() else d.labeled_counts)
         counts = counts.to(self.device)
         self.prior_counts = counts.cpu()
-        ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train))
+        ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
+                      labeled_counts=d.labeled_counts.to(self.device))
         losses: list[tuple[str, float, Any]] = []
         for i, spec in enumerate(cfg.loss):
             name = spec.name if spec.name not in [n for n, _, _ in losses] else f"{spec.name}{i}"
@@ -316,6 +319,8 @@ class Trainer:
             ckpt.load_module_state(st.ema.module, tensors, "ema", where)
         if st.teacher is not None:
             ckpt.load_module_state(st.teacher, tensors, "teacher", where)
+        if "acc.confusion" in tensors:
+            st.acc.confusion.copy_(tensors["acc.confusion"])
         self.record.load_state_dict(meta.get("record") or {})
         comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
         for name, comp in self.components.items():
@@ -408,7 +413,8 @@ class Trainer:
             self._end_epoch(st, done, epoch)
         elif self.recipe.run.checkpoint_every and done % self.recipe.run.checkpoint_every == 0:
             self._check_finite(st.acc.bad, st.acc.sums, st.plan, st.acc.last_good, done)
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher)
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
+                       confusion=st.acc.confusion)
             st.acc.last_good = done
 
     def _log_train(self, st: Stage, done: int, epoch: int) -> None:
@@ -440,7 +446,8 @@ class Trainer:
             st.online = plm
             st.acc.confusion.zero_()
         if not last:
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher)
+            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
+                       confusion=st.acc.confusion)
             st.acc.last_good = done
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
@@ -495,7 +502,8 @@ class Trainer:
 
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
               streams: dict[str, BatchStream], ema: EMA | None, stem: str | None = None,
-              next_stage: bool = False, teacher: torch.nn.Module | None = None) -> None:
+              next_stage: bool = False, teacher: torch.nn.Module | None = None,
+              confusion: Tensor | None = None) -> None:
         tensors: dict[str, Tensor] = {}
         for k, v in self.model.state_dict().items():
             tensors[f"model.{k}"] = v
@@ -507,10 +515,13 @@ class Trainer:
                 tensors[f"teacher.{k}"] = v
         for k, v in self.table.state_dict().items():
             tensors[f"targets.{k}"] = v
+        if confusion is not None:  # this epoch's online pseudo-label counts so far
+            tensors["acc.confusion"] = confusion
         rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        bad = ckpt.nonfinite({k: v for k, v in tensors.items() if not k.startswith("targets.")})
+        bad = ckpt.nonfinite({k: v for k, v in tensors.items()
+                              if not k.startswith(("targets.", "acc."))})
         if bad:
             kept = self._kept()
             self.log("error", stage=plan.name, step=step, error="non-finite weights", tensors=bad[:5])

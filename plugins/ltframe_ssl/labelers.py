@@ -131,15 +131,17 @@ class Align(Threshold):
     p_model (a labeler built for `stage.label` is new: uniform for "window"; the pool's mean
     prediction for "ema", as a first batch would give), then thresholded.
 
-    Note: the engine passes the class counts of what the stage trains on, so in a stage with
-    data "labeled+pseudo+..." the counts include the selected pseudo-labels; the CReST code
-    aligns to the original labeled distribution (analytic profile): set `ratio` for that.
+    The target comes from the original labeled split's counts (`labeled_counts`; USB's CReST+),
+    never from pseudo-labels, also in generations that train on "labeled+pseudo+..."; `ratio`
+    uses the analytic profile instead, as the CReST code does.
     """
 
-    def __init__(self, params: AlignParams, num_classes: int, class_counts: Tensor) -> None:
+    def __init__(self, params: AlignParams, num_classes: int, class_counts: Tensor,
+                 labeled_counts: Tensor | None = None) -> None:
         super().__init__(params, num_classes)
         self.p: AlignParams = params
-        self.target = align_target(class_counts, params.t, params.ratio)
+        counts = labeled_counts if labeled_counts is not None else class_counts
+        self.target = align_target(counts, params.t, params.ratio)
         self.buffer = torch.full((params.window, num_classes), 1.0 / num_classes)
         self.count = 0  # window: batch means written so far (ring position = count % window)
         self.ema: Tensor | None = None
