@@ -238,7 +238,11 @@ def test_lr_schedule_contract(entry):
 def test_scheduler_contract(entry):
     stages = [(StageCfg(name=f"s{i}", epochs=1, data="labeled+unlabeled"), OptimCfg(None, None))
               for i in range(2)]
-    sched = REGISTRY.build(REGISTRY.spec("scheduler", entry.name, "scheduler"), stages=stages)
+    spec = REGISTRY.spec("scheduler", entry.name, "scheduler")
+    try:
+        sched = REGISTRY.build(spec, stages=stages)
+    except RecipeError:  # a scheduler may refuse a number of [[stage]] tables, with a reason
+        sched = REGISTRY.build(spec, stages=stages[:1])
     history, seen = [], []
     while (plan := sched.next_stage(history)) is not None:
         assert plan.index == len(history)

@@ -71,6 +71,11 @@ class _AlignLike:
     t: float = 1.0
 
 
+@dataclasses.dataclass
+class _NoT:
+    threshold: float = 0.95
+
+
 def _template(**kw):
     spec = ComponentSpec("pseudo_labeler", "align", _AlignLike())
     cfg = StageCfg(name="gen", data="labeled+unlabeled", pseudo_labeler=spec, **kw)
@@ -97,6 +102,13 @@ def test_generations_plan():
 def test_crest_bad_values():
     with pytest.raises(RecipeError, match="no unlabeled"):
         Crest(CrestParams(), [(StageCfg(data="labeled"), None)])
+    with pytest.raises(RecipeError, match="one \\[\\[stage\\]\\] table per generation"):
+        Crest(CrestParams(), [_template(), _template()])
+    no_t = StageCfg(data="labeled+unlabeled",
+                    pseudo_labeler=ComponentSpec("pseudo_labeler", "threshold", _NoT()))
+    with pytest.raises(RecipeError, match="has none; use"):
+        Crest(CrestParams(progressive=True), [(no_t, None)])
+    Crest(CrestParams(progressive=False), [(no_t, None)])
     for table, match in (({"name": "crest", "generations": 0}, "generations"),
                          ({"name": "crest", "alpha": -1}, "alpha"),
                          ({"name": "crest", "t_min": 0}, "t_min")):

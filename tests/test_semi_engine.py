@@ -89,11 +89,12 @@ def _run(tmp_path, relabel=None, plugins=(), **over):
                      plugins=[("reg", _Register()), ("relabel", _Relabel(relabel)), *plugins])
 
 
-def _train_lines(run_dir):
+def _train_lines(run_dir, diagnostics=False):
+    events = ("train", "eval", *(("pseudo_labels", "pool_labels") if diagnostics else ()))
     out = []
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         e = json.loads(line)
-        if e["event"] in ("train", "eval"):
+        if e["event"] in events:
             e.pop("images_per_s", None)
             out.append(e)
     return out
@@ -109,7 +110,7 @@ def test_target_table_apply_and_state():
     assert not t.unit_weights(t.index(["pseudo"]))
     t.apply(torch.tensor([6]), torch.tensor([[0.1, 0.7, 0.2]]), torch.tensor([1.0]))
     assert t.labels[5] == -1 and t.labels[6] == 1  # replaced, soft -> argmax label
-    assert t.has_soft(torch.tensor([6])) and not t.has_soft(torch.tensor([0, 6]))
+    assert t.has_soft(torch.tensor([0, 6])) and not t.has_soft(torch.tensor([0, 1]))
     u = TargetTable(10, 3, torch.tensor([0, 1, 2]), torch.tensor([2, 1, 0]))
     u.load_state_dict(t.state_dict())
     for a, b in zip(u.on(torch.device("cpu")), t.on(torch.device("cpu")), strict=True):
@@ -138,12 +139,14 @@ def test_hidden_labels_never_reach_training(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_labelling_equals_uninterrupted(tmp_path):
-    full = _run(tmp_path / "a")
+    # checkpoints every step: the resumed epoch's online pseudo-label counts continue too
+    full = _run(tmp_path / "a", run={"checkpoint_every": 1})
     with pytest.raises(LtframeError, match="interrupted"):
-        _run(tmp_path / "b", plugins=[("stop", StopAt(2, stage_index=1))])
+        _run(tmp_path / "b", plugins=[("stop", StopAt(2, stage_index=1))],
+             run={"checkpoint_every": 1})
     run_dir = next((tmp_path / "b" / "runs").iterdir())
     resumed = resume_run(run_dir, plugins=[("reg", _Register()), ("relabel", _Relabel(None))])
-    assert _train_lines(full["run_dir"]) == _train_lines(resumed["run_dir"])
+    assert _train_lines(full["run_dir"], True) == _train_lines(resumed["run_dir"], True)
     assert full["top1"] == resumed["top1"]
 
 
@@ -248,3 +251,35 @@ def test_teacher_and_indices_in_step(tmp_path):
         start_run(tiny_recipe(tmp_path / "b", data={"split": {"name": "fraction",
                                                               "labeled_fraction": 0.5}},
                               stage=[dict(stage, ema=0.0)]), plugins=[("p", _RegisterProbe())])
+
+
+class _SoftProbe:
+    """Loss checking that labeled rows carry one-hot and selected rows soft targets."""
+
+    seen = 0
+
+    def __init__(self, params=None, **_):
+        pass
+
+    def __call__(self, ctx):
+        s = ctx.soft_targets
+        assert s is not None and torch.allclose(s.sum(1), torch.ones(s.shape[0]))
+        assert torch.equal(s.argmax(1), ctx.targets)
+        _SoftProbe.seen += int(((s > 0) & (s < 1)).any(1).sum())
+        return ctx.logits("labeled").sum() * 0
+
+
+def test_soft_pool_labels_reach_a_mixed_stage(tmp_path):
+    class _Reg:
+        @hookimpl
+        def ltframe_register(self, registry):
+            registry.register("loss", "t_soft", _SoftProbe)
+
+    _SoftProbe.seen = 0
+    stages = [{"name": "a", "epochs": 1, "steps_per_epoch": 2,
+               "label": {"name": "threshold", "threshold": 0.0, "hard": False}},
+              {"name": "b", "epochs": 1, "steps_per_epoch": 6, "data": "labeled+pseudo",
+               "loss": ["ce", {"name": "t_soft"}]}]
+    start_run(tiny_recipe(tmp_path, data={"split": {"name": "fraction", "labeled_fraction": 0.3}},
+                          stage=stages), plugins=[("r", _Reg())])
+    assert _SoftProbe.seen > 0

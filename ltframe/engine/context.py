@@ -51,7 +51,7 @@ class StepContext:
     # engine-provided no-grad forwards: (part) -> (features, {head: logits})
     _teacher: Callable[[str], tuple[Tensor, dict[str, Tensor]]] | None = None
     _student_no_grad: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
-    _teacher_cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)
+    _teacher_cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)  # (x, logits)
 
     def _part(self, part: str) -> str:
         if part not in self.features_by_part:
@@ -103,8 +103,10 @@ class StepContext:
             raise LtframeError("this stage has no teacher model: set stage.ema > 0 (teacher = "
                                "\"ema\") or stage.teacher = \"start\"")
         key = self._input_part(part)
-        if key not in self._teacher_cache:
-            self._teacher_cache[key] = self._teacher(key)
+        x = self.inputs_by_part[key]
+        hit = self._teacher_cache.get(key)
+        if hit is None or hit[0] is not x:  # inputs replaced by a transform: recompute
+            self._teacher_cache[key] = (x, self._teacher(key)[1])
         by_head = self._teacher_cache[key][1]
         if head not in by_head:
             raise LtframeError(f"no head '{head}' in the teacher (heads: {', '.join(by_head)})")

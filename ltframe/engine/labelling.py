@@ -54,8 +54,9 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     check_offline(labeler, plan)
     index = pool_index(d, cfg.label_pool, plan, run.smoke)
     head = cfg.label_head or cfg.eval_head or trainer.recipe.model.eval_head
+    # float32 (no autocast): bf16 logits would tie many confidences and change the ranking
     logits = predict(model, d.train, index, d.source.mean, d.source.std,
-                     trainer.recipe.eval.batch_size, head, trainer.autocast, trainer.channels_last)
+                     trainer.recipe.eval.batch_size, head, False, trainer.channels_last)
     pool = PoolPredictions(index=index, probs=logits.softmax(1), num_classes=d.num_classes,
                            class_counts=counts.cpu(), stage_index=plan.index, stage_name=plan.name,
                            logits=logits)

@@ -70,7 +70,7 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
     run.pm.hook.ltframe_run_start(run=run)
     t0 = time.perf_counter()
     try:
-        while (plan := scheduler.next_stage(trainer.history)) is not None:
+        while (plan := scheduler.next_stage(_for_scheduler(trainer.history))) is not None:
             trainer.run_stage(plan, partial)
             partial = None
     except KeyboardInterrupt:
@@ -198,6 +198,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
                                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
     ckpt.atomic_write_json(run_dir / "run.json", meta)
     return _guarded(run_dir, lambda: _execute(run, reporter, (tensors, side)))
+
+
+def _for_scheduler(history: list[dict]) -> list[dict]:
+    """Stage results without the diagnostics computed from hidden labels."""
+    hidden = ("pool_labels", "online_pseudo_labels")
+    return [{k: v for k, v in h.items() if k not in hidden} for h in history]
 
 
 def _truncate_metrics(run_dir: Path, size: int | None) -> None:

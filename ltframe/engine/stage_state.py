@@ -37,11 +37,26 @@ class Accumulators:
         self.imgs += images
 
     def count_pseudo(self, pseudo: Any, true: Tensor) -> None:
-        """Diagnostics only: pseudo-labels of the selected samples against hidden labels."""
+        """Diagnostics only: pseudo-labels of the selected samples against hidden labels
+        (index_add_, not bincount, which syncs with the host on CUDA)."""
         pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
-        self.confusion += torch.bincount(true * self.num_classes + pl,
-                                         weights=(pseudo.mask > 0).float(),
-                                         minlength=self.num_classes ** 2)
+        self.confusion.index_add_(0, true * self.num_classes + pl, (pseudo.mask > 0).float())
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """What a mid-interval checkpoint needs so that a resumed run logs the same means."""
+        out = {f"acc.sum.{k}": v for k, v in self.sums.items()}
+        out["acc.confusion"] = self.confusion
+        out["acc.n"] = torch.tensor([self.n])
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if "acc.n" not in tensors:  # a checkpoint written before these were kept
+            return
+        for k in self.sums:
+            if f"acc.sum.{k}" in tensors:
+                self.sums[k] = tensors[f"acc.sum.{k}"].to(self.zero.device).clone()
+        self.confusion.copy_(tensors["acc.confusion"])
+        self.n = int(tensors["acc.n"][0])  # images/s restarts with the resumed steps
 
     def reset_interval(self) -> None:
         for k in self.sums:

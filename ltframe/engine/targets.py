@@ -44,7 +44,8 @@ class TargetTable:
         return self._device_cache[key]
 
     def has_soft(self, index: Tensor) -> bool:
-        return bool(index.numel()) and bool((self.soft_pos[index] >= 0).all())
+        """Some sample of `index` has a soft target (the others then train on one-hot ones)."""
+        return bool(index.numel()) and bool((self.soft_pos[index] >= 0).any())
 
     def unit_weights(self, index: Tensor) -> bool:
         return bool((self.weight[index] == 1).all())
@@ -54,6 +55,7 @@ class TargetTable:
         """Replace the previous selection. Unlabeled samples get `targets` (hard labels, or soft
         targets whose argmax becomes the label); labeled samples keep their true label and only
         take a soft target (and weight) when one is given."""
+        index, targets, weight = index.cpu(), targets.cpu(), weight.cpu()
         if index.numel() and (index.min() < 0 or index.max() >= self.size):
             raise LtframeError("a pool labelling returned indices outside the training set")
         is_labeled = torch.zeros(self.size, dtype=torch.bool)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ltframe.data.samplers import BatchStream
@@ -22,7 +23,7 @@ from ltframe.engine import checkpoint as ckpt
 from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
-from ltframe.engine.labelling import check_offline, label_pool
+from ltframe.engine.labelling import check_offline, label_pool, pool_index
 from ltframe.engine.report import Reporter
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
@@ -194,6 +195,9 @@ class Trainer:
             raise RecipeError(f"{where}.data = \"{cfg.data}\" trains on pseudo-labelled samples "
                               "but no earlier stage labelled the pool; set `label` on an earlier "
                               "stage (e.g. label = {name = \"threshold\"})")
+        if ("labeled" in parts or "pseudo" in parts) and index.numel() == 0:
+            raise RecipeError(f"{where}.data = \"{cfg.data}\": no samples to train on (the last "
+                              "pool labelling kept none); lower its threshold or add \"labeled\"")
         return index
 
     def _gather_inputs(self, st: Stage) -> tuple[Tensor, dict[str, int], dict[str, str], dict]:
@@ -212,8 +216,11 @@ class Trainer:
                 out["targets"] = labels[idx_d]
                 if st.weighted:
                     out["weights"] = weight[idx_d]
-                if st.soft:
-                    out["soft_targets"] = soft[soft_pos[idx_d]]
+                if st.soft:  # rows without a soft target get their label one-hot
+                    pos = soft_pos[idx_d]
+                    rows = soft[pos.clamp_min(0)]
+                    hot = F.one_hot(out["targets"].clamp_min(0), self.data.num_classes).to(rows.dtype)
+                    out["soft_targets"] = torch.where((pos >= 0)[:, None], rows, hot)
             for j, (vname, view) in enumerate(st.views[split]):
                 part = f"{split}:{vname}"
                 part = part if part not in sizes else f"{part}#{j}"
@@ -287,6 +294,7 @@ class Trainer:
             self._register_component("transform", transform)
         if cfg.label is not None:  # fail before training, not after it
             check_offline(reg.build(cfg.label, **ctx_kw), plan)
+            pool_index(d, cfg.label_pool, plan, self.run.smoke)
         mean, std = d.source.mean, d.source.std
         views = {split: [(v.name, reg.build(v, mean=mean, std=std)) for v in specs]
                  for split, specs in (("labeled", cfg.views.labeled),
@@ -319,8 +327,7 @@ class Trainer:
             ckpt.load_module_state(st.ema.module, tensors, "ema", where)
         if st.teacher is not None:
             ckpt.load_module_state(st.teacher, tensors, "teacher", where)
-        if "acc.confusion" in tensors:
-            st.acc.confusion.copy_(tensors["acc.confusion"])
+        st.acc.load_state_tensors(tensors)
         self.record.load_state_dict(meta.get("record") or {})
         comp_state = ckpt.unflatten_state(meta.get("components", {}), tensors)
         for name, comp in self.components.items():
@@ -414,7 +421,7 @@ class Trainer:
         elif self.recipe.run.checkpoint_every and done % self.recipe.run.checkpoint_every == 0:
             self._check_finite(st.acc.bad, st.acc.sums, st.plan, st.acc.last_good, done)
             self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
-                       confusion=st.acc.confusion)
+                       acc=st.acc)
             st.acc.last_good = done
 
     def _log_train(self, st: Stage, done: int, epoch: int) -> None:
@@ -447,7 +454,7 @@ class Trainer:
             st.acc.confusion.zero_()
         if not last:
             self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
-                       confusion=st.acc.confusion)
+                       acc=st.acc)
             st.acc.last_good = done
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
@@ -503,7 +510,7 @@ class Trainer:
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
               streams: dict[str, BatchStream], ema: EMA | None, stem: str | None = None,
               next_stage: bool = False, teacher: torch.nn.Module | None = None,
-              confusion: Tensor | None = None) -> None:
+              acc: Accumulators | None = None) -> None:
         tensors: dict[str, Tensor] = {}
         for k, v in self.model.state_dict().items():
             tensors[f"model.{k}"] = v
@@ -515,8 +522,8 @@ class Trainer:
                 tensors[f"teacher.{k}"] = v
         for k, v in self.table.state_dict().items():
             tensors[f"targets.{k}"] = v
-        if confusion is not None:  # this epoch's online pseudo-label counts so far
-            tensors["acc.confusion"] = confusion
+        if acc is not None:  # the open log interval's loss sums and this epoch's pseudo-labels
+            tensors.update(acc.state_tensors())
         rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)

@@ -44,7 +44,15 @@ class Crest:
 
     def __init__(self, params: CrestParams, stages: list[tuple[StageCfg, OptimCfg]]) -> None:
         self.p = params
+        if len(stages) != 1:
+            raise RecipeError(f"scheduler crest repeats one [[stage]] table per generation; the "
+                              f"recipe has {len(stages)}: keep only the generation's stage")
         self.template, self.optim = stages[0]
+        labeler = self.template.pseudo_labeler
+        if params.progressive and labeler is not None and not hasattr(labeler.params, "t"):
+            raise RecipeError(f"scheduler.progressive = true sets the alignment strength `t` of "
+                              f"the stage's pseudo-labeler, but '{labeler.name}' has none; use "
+                              "pseudo_labeler = \"align\" (CReST+) or progressive = false (CReST)")
         data = self.template.data
         if "unlabeled" not in data.split("+"):
             raise RecipeError(f"scheduler crest: stage[0].data = \"{data}\" has no unlabeled "

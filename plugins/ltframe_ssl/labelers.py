@@ -126,9 +126,10 @@ class Align(Threshold):
       included).
 
     The estimate is state (`state_dict`), so a resumed stage continues bit for bit; a new
-    stage (e.g. a CReST generation) builds a new labeler and starts afresh, as both references
-    reset it per generation. Offline (`label_pool`) the pool is aligned with the current
-    p_model (a labeler built for `stage.label` is new: uniform for "window"; the pool's mean
+    stage (e.g. a CReST generation) builds a new labeler and starts afresh, as the CReST code
+    resets it per generation (USB's CReST+ keeps its EMA across generations). Offline
+    (`label_pool`) the pool is aligned with the current p_model (a labeler built for
+    `stage.label` is new: uniform for "window"; the pool's mean
     prediction for "ema", as a first batch would give), then thresholded.
 
     The target comes from the original labeled split's counts (`labeled_counts`; USB's CReST+),
