@@ -38,6 +38,7 @@ def test_pseudo_label_precision_recall():
     assert m["pl_count"] == 6 and m["pl_accuracy"] == pytest.approx(500 / 6)
     assert m["pl_precision"] == [100.0, pytest.approx(200 / 3, abs=1e-3)]
     assert m["pl_recall"] == [75.0, 100.0]
+    assert m["pl_predicted"] == [3, 3]
 
 
 def test_lr_schedules_known_values(registry):

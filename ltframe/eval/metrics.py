@@ -53,6 +53,7 @@ def pseudo_label_metrics(confusion: Tensor) -> dict:
     return {
         "pl_accuracy": 100.0 * (hits.sum() / total).item() if total > 0 else None,
         "pl_count": int(total.item()),
+        "pl_predicted": [int(v) for v in predicted.tolist()],  # pseudo-labels per class
         "pl_precision": [round(100.0 * v, 4) if p > 0 else None
                          for v, p in zip((hits / predicted.clamp_min(1)).tolist(),
                                          predicted.tolist(), strict=True)],
