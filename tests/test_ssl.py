@@ -421,3 +421,12 @@ def test_align_state_and_mixmatch_resume_bit_identical(tmp_path):
 
     assert lines(full["run_dir"]) == lines(resumed["run_dir"])
     assert full["top1"] == resumed["top1"]
+
+
+def test_mixmatch_draws_depend_on_the_stage_seed():
+    from ltframe_ssl.mixmatch import MixMatchParams, MixMatchTransform
+
+    a = MixMatchTransform(MixMatchParams(), 4, seed=0)
+    b = MixMatchTransform(MixMatchParams(), 4, seed=1001)
+    assert a.seed != b.seed
+    assert MixMatchTransform(MixMatchParams(), 4, seed=0).seed == a.seed

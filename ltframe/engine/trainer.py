@@ -280,6 +280,7 @@ class Trainer:
         counts = counts.to(self.device)
         self.prior_counts = counts.cpu()
         ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
+                      seed=rc.run.seed * 1000 + plan.index,
                       labeled_counts=d.labeled_counts.to(self.device))
         losses: list[tuple[str, float, Any]] = []
         for i, spec in enumerate(cfg.loss):

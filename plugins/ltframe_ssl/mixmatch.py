@@ -19,7 +19,8 @@ STL-10; 150 for CIFAR-100), warmup 0.4 (the code default is 1/64), mu = 1, EMA 0
 forwards the mix in batch-size chunks of which only the first updates BatchNorm's running
 statistics and does not interleave; here all parts share one forward.
 
-The draws are a pure function of (`seed`, ctx.step), so a resumed stage is bit-identical.
+The draws are a pure function of (`seed`, the stage's seed from run.seed and the stage index,
+ctx.step), so a resumed stage is bit-identical and runs with other seeds or generations differ.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ KEY = "mixmatch"  # ctx.extras key of the mixed targets
 class MixMatchParams:
     alpha: float = param(0.5, gt=0)  # lam ~ Beta(alpha, alpha) (USB mixup_alpha)
     temperature: float = param(0.5, gt=0)  # sharpening of the guessed labels (USB T)
-    seed: int = param(0, ge=0)  # the draws are a function of (seed, step), not of run.seed
+    seed: int = param(0, ge=0)  # combined with the stage's seed (run.seed, stage index) and step
     head: str = "main"  # the head that guesses labels
 
 
@@ -65,9 +66,10 @@ def draws(seed: int, step: int, n: int, alpha: float, device: torch.device | str
 class MixMatchTransform:
     """Label guessing, sharpening and one-lam mixup of the labeled and unlabeled views."""
 
-    def __init__(self, params: MixMatchParams, num_classes: int) -> None:
+    def __init__(self, params: MixMatchParams, num_classes: int, seed: int = 0) -> None:
         self.p = params
         self.num_classes = num_classes
+        self.seed = params.seed * 1_000_003 + seed  # the recipe's seed and the stage's
         self.last_lam: float | None = None
 
     def _parts(self, ctx: StepContext) -> tuple[str, list[str]]:
@@ -96,7 +98,7 @@ class MixMatchTransform:
         xs = [ctx.inputs(p) for p in parts]
         x = torch.cat(xs)
         y = torch.cat([y_lab.to(x.device), *[guess.to(x.device)] * len(unl)])
-        lam, perm = draws(self.p.seed, ctx.step, x.shape[0], self.p.alpha, x.device)
+        lam, perm = draws(self.seed, ctx.step, x.shape[0], self.p.alpha, x.device)
         x_mix = lam * x + (1.0 - lam) * x[perm]
         y_mix = lam * y + (1.0 - lam) * y[perm]
         sizes = [t.shape[0] for t in xs]
