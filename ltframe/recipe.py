@@ -117,6 +117,15 @@ class StageCfg:
 class EvalCfg:
     many_threshold: int = param(100, ge=0)  # many: > this many labeled training images
     few_threshold: int = param(20, ge=0)  # few: < this many
+    # many/medium/few by labeled-count thresholds ("count") or by class rank ("rank": the first
+    # rank_sizes[0] classes by count, the next rank_sizes[1], the rest; paper 000's CIFAR-10: 3/3/4)
+    groups: Literal["count", "rank"] = "count"
+    rank_sizes: list[int] = field(default_factory=lambda: [3, 3])
+
+    def __post_init__(self) -> None:
+        if len(self.rank_sizes) != 2 or any(n < 0 for n in self.rank_sizes):
+            raise RecipeError(f"eval.rank_sizes: {self.rank_sizes} must be two counts >= 0 (many, "
+                              "medium; few = the remaining classes), e.g. [3, 3]")
     batch_size: int = param(512, ge=1)
     report: Literal["last", "best", "mean_last_k"] = "last"  # the final stage's number
     last_k: int = param(1, ge=1)  # mean_last_k: mean of the final stage's last k evaluations

@@ -221,3 +221,22 @@ def test_listfile_labels_must_be_training_classes(registry, tmp_path):
     src = build("gap.txt", "tr.txt")
     with pytest.raises(DataError, match=r"class '1' \(label 1\) has no training images"):
         build_bundle(src, _data_cfg(registry), 0, CPU)
+
+
+def test_multiple_split_names_the_largest_k_that_fits():
+    import re
+
+    import torch
+
+    from ltframe.data.longtail import ProfileCfg, SplitCfg, make_splits
+    from ltframe.errors import DataError
+
+    labels = torch.arange(10).repeat_interleave(5000)
+    prof = ProfileCfg(name="exp", ratio=100, n_max=1000)
+    with pytest.raises(DataError, match="largest data.split.multiple that fits is") as err:
+        make_splits(labels, 10, prof, SplitCfg(name="multiple", multiple=5), 0, 0)
+    k = float(re.search(r"fits is ([0-9.]+)", str(err.value)).group(1))
+    assert 3 < k < 5
+    make_splits(labels, 10, prof, SplitCfg(name="multiple", multiple=k), 0, 0)
+    with pytest.raises(DataError):
+        make_splits(labels, 10, prof, SplitCfg(name="multiple", multiple=k + 0.01), 0, 0)

@@ -65,3 +65,40 @@ def test_posthoc_logit_adjustment_flips_towards_the_tail():
     assert evaluate_logits(logits, labels, counts, 100, 20)["top1"] == 0.0
     # log(0.9) - log(0.1) = 2.2 > 0.5: after adjustment the tail class wins
     assert evaluate_logits(logits, labels, counts, 100, 20, posthoc_tau=1.0)["top1"] == 100.0
+
+
+def test_groups_by_rank_and_by_count():
+    from ltframe.eval.metrics import group_classes
+
+    counts = torch.tensor([500, 300, 180, 108, 65, 39, 24, 14, 9, 5])
+    assert group_classes(counts, 100, 20, "rank", [3, 3]) == {
+        "many": [0, 1, 2], "medium": [3, 4, 5], "few": [6, 7, 8, 9]}
+    assert group_classes(counts, 100, 20) == {
+        "many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
+    shuffled = counts[torch.tensor([9, 0, 5, 1, 2, 3, 4, 6, 7, 8])]
+    assert group_classes(shuffled, 100, 20, "rank", [3, 3])["many"] == [1, 3, 4]
+    logits = torch.eye(10)[torch.arange(10).repeat(2)] * 5
+    labels = torch.arange(10).repeat(2)
+    logits[labels >= 6] = 0.0  # the last four classes are all wrong (predicted class 0)
+    logits[labels >= 6, 0] = 1.0
+    m = classification_metrics(logits, labels, counts, by="rank", rank_sizes=[3, 3])
+    assert m["many"] == 100.0 and m["medium"] == 100.0 and m["few"] == 0.0
+
+
+def test_rank_groups_in_a_run_summary(tmp_path):
+    from ltframe import start_run
+    from ltframe.testing import tiny_recipe
+
+    s = start_run(tiny_recipe(tmp_path, eval={"groups": "rank", "rank_sizes": [1, 2]},
+                              stage=[{"name": "t", "epochs": 1, "steps_per_epoch": 1}]))
+    assert s["grouping"]["by"] == "rank" and s["grouping"]["classes"]["many"] == [0]
+    assert s["grouping"]["classes"]["few"] == [3]
+
+
+def test_bad_rank_sizes(tmp_path):
+    from ltframe import start_run
+    from ltframe.errors import RecipeError
+    from ltframe.testing import tiny_recipe
+
+    with pytest.raises(RecipeError, match="eval.rank_sizes"):
+        start_run(tiny_recipe(tmp_path, eval={"groups": "rank", "rank_sizes": [3]}))

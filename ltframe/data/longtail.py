@@ -84,6 +84,20 @@ def profile_counts(cfg: ProfileCfg, num_classes: int, available: int, seed: int 
     return counts[::-1] if cfg.reverse else counts
 
 
+def _largest_multiple(lab: list[int], shape: list[int], available: list[int]) -> float:
+    """The largest k (to 0.01) for which k x labeled unlabeled images of the given profile fit."""
+    def fits(k: float) -> bool:
+        scale = k * sum(lab) / sum(shape)
+        return all(a + int(round(s * scale)) <= n for a, s, n in zip(lab, shape, available, strict=True))
+
+    k = min(((n - a) * sum(shape) / (s * sum(lab)) for a, s, n in zip(lab, shape, available, strict=True)
+             if s > 0), default=0.0)
+    k = math.floor(max(k, 0.0) * 100) / 100
+    while k > 0 and not fits(k):
+        k = round(k - 0.01, 2)
+    return k
+
+
 def _signed_profile(head: int, ratio: float, num_classes: int) -> list[int]:
     cfg = ProfileCfg(name="exp", ratio=abs(ratio), n_max=head, reverse=ratio < 0)
     return profile_counts(cfg, num_classes, head)
@@ -160,9 +174,14 @@ def make_splits(
                    split.name, "data.longtail.n_max")
         if val_first and val_per_class:
             fix += " or data.val_per_class"
+        hint = ""
+        if split.name == "multiple":
+            k = _largest_multiple(lab, shape, available)
+            hint = f" (the largest data.split.multiple that fits is {k:.2f})"
         raise DataError(
             f"class {names[c]!r} (label {c}) needs {need[c]} images ({lab[c]} labeled + "
-            f"{unl[c]} unlabeled) but has {available[c]}; lower {fix}, or use a bigger source"
+            f"{unl[c]} unlabeled) but has {available[c]}; lower {fix}{hint}, or use a bigger "
+            "source"
         )
     labeled, unlabeled, val = [], [], []
     for c, pool in enumerate(pools):

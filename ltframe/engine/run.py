@@ -26,6 +26,7 @@ from ltframe.engine.setup import (
 )
 from ltframe.engine.trainer import Trainer
 from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterrupted
+from ltframe.eval.metrics import group_classes
 from ltframe.models import LTModel
 from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
 from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
@@ -91,6 +92,7 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
                           for h in trainer.history if "pool_labels" in h],
         "classes": run.data.source.classes,
         "labeled_counts": run.data.labeled_counts.tolist(),
+        "grouping": _grouping(run),
         "images_per_s": trainer.images_per_s,
         "seconds": round(time.perf_counter() - t0, 2),
         "run_dir": str(run.run_dir),
@@ -200,6 +202,15 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     return _guarded(run_dir, lambda: _execute(run, reporter, (tensors, side)))
 
 
+def _grouping(run: Run) -> dict:
+    """How many / medium / few were formed, and which classes each holds."""
+    e = run.recipe.eval
+    rule = ({"by": "rank", "rank_sizes": list(e.rank_sizes)} if e.groups == "rank" else
+            {"by": "count", "many_threshold": e.many_threshold, "few_threshold": e.few_threshold})
+    return {**rule, "classes": group_classes(run.data.labeled_counts, e.many_threshold,
+                                             e.few_threshold, e.groups, e.rank_sizes)}
+
+
 def _for_scheduler(history: list[dict]) -> list[dict]:
     """Stage results without the diagnostics computed from hidden labels."""
     hidden = ("pool_labels", "online_pseudo_labels")
@@ -239,7 +250,8 @@ def evaluate_checkpoint(target: str | Path, overrides: list[str] | None = None) 
     prior = torch.tensor(hist[-1]["train_counts"]) if hist and "train_counts" in hist[-1] else None
     metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                               recipe.eval.many_threshold, recipe.eval.few_threshold,
-                              recipe.eval.posthoc_tau, prior)
+                              recipe.eval.posthoc_tau, prior, recipe.eval.groups,
+                              recipe.eval.rank_sizes)
     metrics["checkpoint"] = str(side_path.with_suffix(".safetensors"))
     return metrics
 

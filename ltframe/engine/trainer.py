@@ -116,7 +116,8 @@ class Trainer:
                          head or rc.model.eval_head, self.autocast, self.channels_last)
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                                   rc.eval.many_threshold, rc.eval.few_threshold,
-                                  rc.eval.posthoc_tau, self.prior_counts)
+                                  rc.eval.posthoc_tau, self.prior_counts,
+                                  rc.eval.groups, rc.eval.rank_sizes)
         for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
                                                        labels=d.test_labels.cpu()):
             if extra:

@@ -55,7 +55,8 @@ def adjust_logits(logits: Tensor, train_counts: Tensor, tau: float) -> Tensor:
 
 def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: int,
                     few: int, posthoc_tau: float | list[float] = 0.0,
-                    prior_counts: Tensor | None = None) -> dict:
+                    prior_counts: Tensor | None = None, by: str = "count",
+                    rank_sizes: tuple[int, ...] | list[int] = (3, 3)) -> dict:
     """Metrics of `logits`, adjusted post hoc by `posthoc_tau` (see `adjust_logits`) with the
     prior of `prior_counts` (default `train_counts`, which also defines many/medium/few).
 
@@ -65,7 +66,7 @@ def evaluate_logits(logits: Tensor, labels: Tensor, train_counts: Tensor, many: 
     counts = train_counts.cpu().long()
     prior = counts if prior_counts is None else prior_counts.cpu().long()
     results = [classification_metrics(adjust_logits(logits, prior, t), labels.cpu(), counts,
-                                      many, few) for t in taus]
+                                      many, few, by, rank_sizes) for t in taus]
     out = results[0]
     if isinstance(posthoc_tau, list):
         out["rows"] = [{"posthoc_tau": t, **{k: r[k] for k in SCALARS if k in r}}

@@ -10,8 +10,18 @@ from torch import Tensor
 SCALARS = ("top1", "balanced_acc", "many", "medium", "few", "top5")
 
 
-def group_masks(train_counts: Tensor, many: int, few: int) -> dict[str, Tensor]:
-    """many: count > `many`; few: count < `few`; medium: the rest (defaults >100, <20)."""
+def group_masks(train_counts: Tensor, many: int, few: int, by: str = "count",
+                rank_sizes: tuple[int, ...] | list[int] = (3, 3)) -> dict[str, Tensor]:
+    """by "count": many = count > `many`, few = count < `few`, medium the rest (defaults >100,
+    <20; ImageNet-LT's convention). by "rank": classes ranked by training count (head first,
+    ties in class order); many = the first rank_sizes[0], medium = the next rank_sizes[1], few
+    = the rest (paper 000's CIFAR-10 split: 3 / 3 / 4)."""
+    if by == "rank":
+        order = torch.sort(train_counts, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        a, b = int(rank_sizes[0]), int(rank_sizes[1])
+        return {"many": rank < a, "medium": (rank >= a) & (rank < a + b), "few": rank >= a + b}
     return {
         "many": train_counts > many,
         "medium": (train_counts <= many) & (train_counts >= few),
@@ -19,8 +29,16 @@ def group_masks(train_counts: Tensor, many: int, few: int) -> dict[str, Tensor]:
     }
 
 
+def group_classes(train_counts: Tensor, many: int, few: int, by: str = "count",
+                  rank_sizes: tuple[int, ...] | list[int] = (3, 3)) -> dict[str, list[int]]:
+    """The class indices of each group (recorded in summary.json)."""
+    masks = group_masks(train_counts.cpu(), many, few, by, rank_sizes)
+    return {k: m.nonzero().flatten().tolist() for k, m in masks.items()}
+
+
 def classification_metrics(logits: Tensor, labels: Tensor, train_counts: Tensor,
-                           many: int = 100, few: int = 20) -> dict:
+                           many: int = 100, few: int = 20, by: str = "count",
+                           rank_sizes: tuple[int, ...] | list[int] = (3, 3)) -> dict:
     """All metrics as plain Python numbers (percentages); groups with no class get None."""
     num_classes = logits.shape[1]
     pred = logits.argmax(1)
@@ -34,7 +52,7 @@ def classification_metrics(logits: Tensor, labels: Tensor, train_counts: Tensor,
         "balanced_acc": 100.0 * recall[present].mean().item(),
         "per_class": [round(100.0 * r, 4) for r in recall.tolist()],
     }
-    for name, mask in group_masks(train_counts.cpu(), many, few).items():
+    for name, mask in group_masks(train_counts.cpu(), many, few, by, rank_sizes).items():
         m = mask & present
         out[name] = 100.0 * recall[m].mean().item() if m.any() else None
     if num_classes >= 100:
