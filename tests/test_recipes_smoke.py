@@ -25,6 +25,8 @@ def test_recipe_smoke(recipe, tmp_path, cifar_root):
         overrides.append(f"data.source.root={cifar_root}")
     if 'name = "crest"' in recipe.read_text():  # two generations show every step of a loop
         overrides.append("scheduler.generations=2")
+    if 'name = "multiple"' in recipe.read_text():  # k x labeled must fit in 6 images per class
+        overrides += ["data.longtail.n_max=1", "data.split.multiple=1"]
     if 'name = "counts"' in recipe.read_text():  # DARP/USB heads need thousands of images
         overrides += ["data.split.labeled_head=3", "data.split.unlabeled_head=3"]
     summary = start_run(recipe, overrides, out_dir=tmp_path, smoke=True)
