@@ -53,21 +53,16 @@ class StepContext:
     _student_no_grad: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
     _teacher_cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)  # (x, logits)
 
-    def _part(self, part: str) -> str:
-        if part not in self.features_by_part:
-            raise LtframeError(
-                f"this stage has no '{part}' inputs (parts: {', '.join(self.features_by_part)}); "
-                "check the stage's data and views"
-            )
+    def _part(self, part: str, known: dict | None = None) -> str:
+        """`part` if it is one of `known`'s keys (default: the model outputs' parts)."""
+        known = self.features_by_part if known is None else known
+        if part not in known:
+            raise LtframeError(f"this stage has no '{part}' inputs (parts: {', '.join(known)}); "
+                               "check the stage's data and views")
         return part
 
     def _input_part(self, part: str) -> str:
-        if part not in self.inputs_by_part:
-            raise LtframeError(
-                f"this stage has no '{part}' inputs (parts: {', '.join(self.inputs_by_part)}); "
-                "check the stage's data and views"
-            )
-        return part
+        return self._part(part, self.inputs_by_part)
 
     def features(self, part: str = "labeled") -> Tensor:
         return self.features_by_part[self._part(part)]
