@@ -59,6 +59,18 @@ def write_cifar_folder(root: Path, per_class_train: int = 6, per_class_test: int
     return root
 
 
+def write_list_dataset(root: Path, num_classes: int = 4, per_class_train: int = 6,
+                       per_class_test: int = 2, size: int = 32) -> Path:
+    """A tiny `listfile` dataset: root/train.txt and root/val.txt ('relative/path label' lines
+    over images in root/train/<class>/ and root/val/<class>/), ImageNet's layout."""
+    classes = [f"c{k:03d}" for k in range(num_classes)]
+    for split, n, seed in (("train", per_class_train, 1), ("val", per_class_test, 2)):
+        write_image_folder(root / split, classes, n, size, seed=seed)
+        lines = [f"{split}/{c}/{i:04d}.png {k}" for k, c in enumerate(classes) for i in range(n)]
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 class HookRecorder:
     """A plugin that records every event hook call as (hook name, key arguments)."""
 

@@ -33,7 +33,8 @@ def _loss(**kw):
 
 def test_loss_equals_hand_computation_and_memory_follows_epochs():
     torch.manual_seed(0)
-    loss = _loss()
+    assert _loss().p.form == "kl"  # paper 000 eq. (3)
+    loss = _loss(form="ce")
     a, b = torch.randn(2, 3), torch.randn(2, 3)
     idx = torch.tensor([1, 3])
     # epoch 0: targets are uniform
@@ -108,7 +109,7 @@ def test_stage_sequence_for_two_loops():
         assert c.data == "labeled+pseudo" and c.sampler.name == "random" and c.epochs == 5
         assert [(x.name, x.params.head, x.weight) for x in c.loss] == [
             ("ce", "g_prime", 1.0), ("consistency", "g_prime", 1.0)]
-        assert c.eval_head == "g" and c.label is None
+        assert c.eval_head == "g_prime" and c.label is None  # g is stale while f moves
     labels = [(c.label.name if c.label else None, c.label_head) for c in cfg]
     assert labels == [(None, ""), ("threshold", "g"), (None, ""), ("threshold", "g"),
                       (None, ""), (None, "")]

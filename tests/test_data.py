@@ -142,3 +142,40 @@ def test_views_shapes_normalisation_and_per_sample_randomness(registry, name):
     assert torch.equal(out, again)  # reproducible from the generator state
     if name == "none":
         assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.25)
+
+
+def test_lomax_profile_reproduces_the_imagenet_sslt_counts():
+    # paper 000 Sec. 4.1: Lomax(shape 6, scale 1000), max 250, min 2 -> 41,134 labeled images,
+    # 140 classes with n > 100, 433 with 10 < n <= 100, 427 with n <= 10
+    cfg = ProfileCfg("lomax", n_max=250, n_min=2, shape=6, scale=1000)
+    n = profile_counts(cfg, 1000, 1300)
+    assert sum(n) == 41134 and max(n) == n[0] == 250 and min(n) == 2
+    assert n == sorted(n, reverse=True)
+    groups = (sum(x > 100 for x in n), sum(10 < x <= 100 for x in n), sum(x <= 10 for x in n))
+    assert groups == (140, 433, 427)
+
+
+def test_multiple_split_can_follow_the_labeled_profile():
+    y = _labels(per_class=60, classes=5)
+    cfg = ProfileCfg("lomax", n_max=10, n_min=2, shape=6, scale=2)
+    s = make_splits(y, 5, cfg, SplitCfg("multiple", multiple=4, unlabeled_shape="labeled"), 0, seed=0)
+    lab = torch.bincount(y[s.labeled], minlength=5)
+    unl = torch.bincount(y[s.unlabeled], minlength=5)
+    assert lab.tolist() == profile_counts(cfg, 5, 60)
+    assert unl.tolist() == (4 * lab).tolist()
+    with pytest.raises(DataError, match=r"largest data.split.multiple that fits is 5.00"):
+        make_splits(y, 5, cfg, SplitCfg("multiple", multiple=6, unlabeled_shape="labeled"), 0, seed=0)
+
+
+def test_resized_crop_is_identity_at_full_area_and_zooms_into_the_chosen_window():
+    from ltframe.data.views import resized_crop
+
+    x = torch.rand(2, 3, 8, 8)
+    full = torch.tensor([[1.0, 0.5, 0.5, 0.5]] * 2)  # area 1, ratio 1, centred
+    assert torch.allclose(resized_crop(x, full, 0.08), x, atol=1e-6)
+    # area 1/4, ratio 1, pushed to the top-left corner: the top-left 4 x 4 block, upsampled
+    corner = torch.tensor([[0.0, 0.5, 0.0, 0.0]])
+    img = torch.zeros(1, 3, 8, 8)
+    img[..., :4, :4] = 1.0
+    out = resized_crop(img, corner, 0.25)
+    assert out[..., :6, :6].min() == 1.0 and out.mean() > 0.9  # only the block's edge blends

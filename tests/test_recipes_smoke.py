@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ltframe import start_run
-from ltframe.testing import write_cifar_folder
+from ltframe.testing import write_cifar_folder, write_list_dataset
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
@@ -17,16 +17,23 @@ def cifar_root(tmp_path_factory):
                               per_class_test=2)
 
 
+@pytest.fixture(scope="module")
+def list_root(tmp_path_factory):
+    return write_list_dataset(tmp_path_factory.mktemp("listfile"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_recipe_smoke(recipe, tmp_path, cifar_root):
+def test_recipe_smoke(recipe, tmp_path, cifar_root, list_root):
     overrides = []
     if 'name = "cifar' in recipe.read_text():
         overrides.append(f"data.source.root={cifar_root}")
+    if 'name = "listfile"' in recipe.read_text():  # ImageNet layout at 32 px
+        overrides += [f"data.source.root={list_root}", "data.source.image_size=32"]
     if 'name = "crest"' in recipe.read_text():  # two generations show every step of a loop
         overrides.append("scheduler.generations=2")
     if 'name = "multiple"' in recipe.read_text():  # k x labeled must fit in 6 images per class
-        overrides += ["data.longtail.n_max=1", "data.split.multiple=1"]
+        overrides += ["data.longtail.n_max=1", "data.longtail.n_min=1", "data.split.multiple=1"]
     if 'name = "counts"' in recipe.read_text():  # DARP/USB heads need thousands of images
         overrides += ["data.split.labeled_head=3", "data.split.unlabeled_head=3"]
     summary = start_run(recipe, overrides, out_dir=tmp_path, smoke=True)

@@ -283,3 +283,26 @@ def test_soft_pool_labels_reach_a_mixed_stage(tmp_path):
     start_run(tiny_recipe(tmp_path, data={"split": {"name": "fraction", "labeled_fraction": 0.3}},
                           stage=stages), plugins=[("r", _Reg())])
     assert _SoftProbe.seen > 0
+
+
+def test_pool_group_accuracy_is_the_argmax_accuracy_per_class_group():
+    from types import SimpleNamespace
+
+    from ltframe.engine.context import PoolLabels, PoolPredictions
+    from ltframe.engine.labelling import diagnostics
+    from ltframe.eval.metrics import group_masks
+
+    hidden = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2, 2])  # samples 0-2 labeled, 3-8 the pool
+    pred = torch.tensor([0, 1, 2, 2, 1, 2])  # argmax for samples 3..8
+    index = torch.arange(3, 9)
+    probs = torch.nn.functional.one_hot(pred, 3).float()
+    table = SimpleNamespace(pseudo=index, labels=torch.cat([hidden[:3], pred]),
+                            labeled=torch.arange(3))
+    pool = PoolPredictions(index=index, probs=probs, num_classes=3, class_counts=torch.ones(3),
+                           stage_index=0, stage_name="s", logits=probs)
+    sel = PoolLabels(index=index, targets=pred, weight=torch.ones(6))
+    groups = group_masks(torch.tensor([5, 3, 1]), 0, 0, "rank", [1, 1])  # many {0} medium {1} few {2}
+    out = diagnostics(sel, hidden, table, 3, pool, groups)
+    # class 0: samples 3, 4 -> 1 of 2 right; class 1: sample 5 wrong; class 2: 6, 7, 8 -> 2 of 3
+    assert out["pool_accuracy"] == round(100 * 3 / 6, 4)
+    assert out["pool_group_accuracy"] == {"many": 50.0, "medium": 0.0, "few": round(200 / 3, 4)}

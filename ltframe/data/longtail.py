@@ -22,12 +22,13 @@ from ltframe.errors import DataError, RecipeError
 class ProfileCfg:
     """Long-tail profile of the labeled training set."""
 
-    name: Literal["none", "exp", "step", "pareto"] = "none"
+    name: Literal["none", "exp", "step", "pareto", "lomax"] = "none"
     ratio: float = param(100.0, ge=1)  # imbalance ratio N_max / N_min (exp, step)
     n_max: int = param(0, ge=0)  # head count; 0 = the largest class count available
-    n_min: int = param(1, ge=1)  # pareto: smallest count; every profile keeps >= 1
+    n_min: int = param(1, ge=1)  # pareto/lomax: smallest count; every profile keeps >= 1
     head_fraction: float = param(0.5, gt=0, le=1)  # step: fraction of classes that are head classes
     shape: float = param(6.0, gt=0)  # pareto/lomax shape (alpha)
+    scale: float = param(1000.0, gt=0)  # lomax scale (lambda), in class-index units
     reverse: bool = False  # tail first (e.g. for the unlabeled set)
 
 
@@ -42,6 +43,9 @@ class SplitCfg:
     unlabeled_head: int = param(3000, ge=0)  # counts: M_1
     unlabeled_ratio: float = 100.0  # counts/multiple: gamma_u, |gamma_u| >= 1 (negative = reversed order)
     multiple: float = param(5.0, gt=0)  # multiple: unlabeled total = k x labeled total
+    # multiple: the unlabeled profile; "ratio" = exponential with unlabeled_ratio, "labeled" =
+    # k x each class's labeled count (the labeled profile, whatever it is, e.g. lomax)
+    unlabeled_shape: Literal["ratio", "labeled"] = "ratio"
 
     def __post_init__(self) -> None:
         if abs(self.unlabeled_ratio) < 1:
@@ -78,9 +82,12 @@ def profile_counts(cfg: ProfileCfg, num_classes: int, available: int, seed: int 
         draws = (1 - u).pow(-1 / cfg.shape) - 1  # Lomax(shape, scale=1)
         draws = (draws / draws.max()).sort(descending=True).values
         counts = [int(round(cfg.n_min + (n_max - cfg.n_min) * float(d))) for d in draws]
+    elif cfg.name == "lomax":
+        # the Lomax(shape, scale) density at class index i, scaled so that class 0 has n_max
+        counts = [int(round(n_max * (1 + i / cfg.scale) ** -(cfg.shape + 1))) for i in range(c)]
     else:  # pragma: no cover - guarded by Literal
         raise DataError(f"unknown long-tail profile {cfg.name}")
-    counts = [max(cfg.n_min if cfg.name == "pareto" else 1, n) for n in counts]
+    counts = [max(cfg.n_min if cfg.name in ("pareto", "lomax") else 1, n) for n in counts]
     return counts[::-1] if cfg.reverse else counts
 
 
@@ -162,7 +169,8 @@ def make_splits(
             unl = [n - m for n, m in zip(total, lab, strict=True)]
         else:  # multiple
             lab = total
-            shape = _signed_profile(10**6, split.unlabeled_ratio, num_classes)
+            shape = (list(lab) if split.unlabeled_shape == "labeled"
+                     else _signed_profile(10**6, split.unlabeled_ratio, num_classes))
             scale = split.multiple * sum(lab) / sum(shape)
             unl = [int(round(s * scale)) for s in shape]
     need = [a + b for a, b in zip(lab, unl, strict=True)]

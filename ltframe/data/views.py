@@ -57,6 +57,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ltframe.config import param
+
 
 def _rand(gen: torch.Generator, *shape: int, device: torch.device) -> Tensor:
     return torch.rand(*shape, generator=gen).to(device, non_blocking=True)
@@ -124,6 +126,40 @@ class WeakView(Normalize):
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
         x = flip_pad_crop(self.to_unit(x), gen, self.p.flip, self.p.pad, self.p.padding_mode)
         return super().__call__(x)
+
+
+def resized_crop(x: Tensor, r: Tensor, min_scale: float) -> Tensor:
+    """Per-sample random resized crop back to the input size, batched (bilinear): area fraction
+    uniform in (min_scale, 1), aspect ratio log-uniform in (3/4, 4/3), centre uniform where the
+    crop fits. `r`: [B, 4] uniform draws (area, ratio, x, y)."""
+    area = min_scale + (1 - min_scale) * r[:, 0]
+    log_ratio = (r[:, 1] * 2 - 1) * 0.2877  # log(4/3)
+    sx = (area * log_ratio.exp()).sqrt().clamp(max=1)
+    sy = (area / log_ratio.exp()).sqrt().clamp(max=1)
+    tx, ty = (1 - sx) * (r[:, 2] * 2 - 1), (1 - sy) * (r[:, 3] * 2 - 1)
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@dataclass
+class ResizedCropParams:
+    min_scale: float = param(0.08, gt=0, le=1)  # smallest crop area fraction (ImageNet: 0.08)
+    flip: bool = True
+
+
+class ResizedCropView(Normalize):
+    """Random resized crop + horizontal flip: the usual ImageNet training augmentation."""
+
+    def __init__(self, params: ResizedCropParams, mean, std) -> None:
+        super().__init__(mean, std)
+        self.p = params
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        x = self.to_unit(x)
+        x = resized_crop(x, _rand(gen, x.shape[0], 4, device=x.device), self.p.min_scale)
+        return super().__call__(flip_pad_crop(x, gen, self.p.flip, 0, "reflect"))
 
 
 @dataclass

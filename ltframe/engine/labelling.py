@@ -22,7 +22,7 @@ from ltframe.engine.context import PoolLabels, PoolPredictions
 from ltframe.engine.stages import StagePlan
 from ltframe.errors import RecipeError
 from ltframe.eval.evaluate import predict
-from ltframe.eval.metrics import pseudo_label_metrics
+from ltframe.eval.metrics import group_masks, pseudo_label_metrics
 
 SMOKE_POOL = 256
 
@@ -63,15 +63,18 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     sel: PoolLabels = labeler.label_pool(pool)
     trainer.table.apply(sel.index, sel.targets, sel.weight)
     _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel)
-    diag = diagnostics(sel, trainer.hidden.cpu(), trainer.table, d.num_classes, pool)
+    ev = trainer.recipe.eval
+    groups = group_masks(counts.cpu(), ev.many_threshold, ev.few_threshold, ev.groups, ev.rank_sizes)
+    diag = diagnostics(sel, trainer.hidden.cpu(), trainer.table, d.num_classes, pool, groups)
     trainer.log("pool_labels", stage=plan.name, generation=trainer.table.generation, **diag)
     return diag
 
 
 def diagnostics(sel: PoolLabels, hidden: Tensor, table: Any, num_classes: int,
-                pool: PoolPredictions) -> dict:
+                pool: PoolPredictions, groups: dict[str, Tensor] | None = None) -> dict:
     """Per-class precision / recall of the kept pseudo-labels of unlabeled samples against the
-    hidden labels, how many were kept per class, and the argmax accuracy over the whole pool."""
+    hidden labels, how many were kept per class, and the argmax accuracy over the whole pool,
+    also per class group (`groups`: name -> class mask; the pool's samples of those classes)."""
     unl = table.pseudo
     true, pl = hidden[unl], table.labels[unl]
     confusion = torch.bincount(true * num_classes + pl, minlength=num_classes ** 2)
@@ -80,7 +83,13 @@ def diagnostics(sel: PoolLabels, hidden: Tensor, table: Any, num_classes: int,
     is_unl = ~torch.isin(pool.index, table.labeled)  # unlabeled members of the pool
     if is_unl.any():
         arg = pool.probs[is_unl].argmax(1)
-        out["pool_accuracy"] = round(100.0 * float((arg == hidden[pool.index[is_unl]]).float().mean()), 4)
+        truth = hidden[pool.index[is_unl]]
+        hit = (arg == truth).float()
+        out["pool_accuracy"] = round(100.0 * float(hit.mean()), 4)
+        if groups:
+            member = {k: m[truth] for k, m in groups.items()}
+            out["pool_group_accuracy"] = {k: round(100.0 * float(hit[m].mean()), 4) if m.any() else None
+                                          for k, m in member.items()}
         out["pool_predicted"] = torch.bincount(arg, minlength=num_classes).tolist()
     return out
 

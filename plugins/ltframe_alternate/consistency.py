@@ -6,8 +6,8 @@ For the samples of `part` (default "labeled" = the supervised stream, which in a
 "labeled+pseudo" stage holds labeled and pseudo-labelled samples), with p_{e-1}(x) the stored
 softmax of sample x from the previous epoch and p_e(x) = softmax(logits of `head`):
 
+    form = "kl": L = mean_x   sum_c p_{e-1}(x)_c (log p_{e-1}(x)_c - log p_e(x)_c)   (default, eq. (3))
     form = "ce": L = mean_x  -sum_c p_{e-1}(x)_c log p_e(x)_c
-    form = "kl": L = mean_x   sum_c p_{e-1}(x)_c (log p_{e-1}(x)_c - log p_e(x)_c)
 
 Memory: `prev` [num_samples, C] (rows = dataset indices, `ctx.indices(part)`) and `next`; both
 start uniform when the loss is built (each stage builds its own: in the `alternate` scheduler a
@@ -35,7 +35,9 @@ from ltframe.registry import Registry
 class ConsistencyParams:
     part: str = "labeled"  # the part whose samples are kept consistent
     head: str = "main"  # the head whose softmax is stored and compared
-    form: Literal["ce", "kl"] = "ce"  # soft cross-entropy or KL(p_{e-1} || p_e)
+    # KL(p_{e-1} || p_e) as paper 000 eq. (3), or the soft cross-entropy (same gradient; the
+    # value differs by the entropy of p_{e-1})
+    form: Literal["ce", "kl"] = "kl"
 
 
 class Consistency:

@@ -14,7 +14,8 @@ Stages (a pure function of the history length):
   loss per stage: uniform at each loop's start, as METHODS.md says);
   "cls<l>": retrain g (reset) class-balanced on D with f frozen; relabel the pool with f and g
   unless it is the last loop.
-Predictions and evaluation use g in every derived stage (`eval_head`).
+Predictions and pool labels come from g; the "ft" stages' evaluations use g' (g is stale
+while f moves), every "cls" stage and the final number use g.
 
 Ablations of paper 000 Table 3 by recipe values: `finetune_sampler` / `classifier_sampler`
 (R+R: "random"/"random"; C+R; C+C: "class_balanced" for both) and `classifier_data =
@@ -47,7 +48,7 @@ class AlternateParams:
     finetune_sampler: str | dict[str, Any] = "random"
     classifier_data: Literal["labeled", "labeled+pseudo"] = "labeled"  # loops' "cls" stages
     consistency_weight: float = param(1.0, ge=0)  # lambda (paper: 1)
-    consistency_form: Literal["ce", "kl"] = "ce"
+    consistency_form: Literal["ce", "kl"] = "kl"  # paper 000 eq. (3): KL
     classifier_lr: float = param(0.0, ge=0)  # 0 = the init stage's lr
     finetune_lr: float = param(0.0, ge=0)  # 0 = the init stage's lr
     frozen_bn: Literal["frozen", "update"] = "frozen"  # f's BatchNorm in the "cls" stages
@@ -107,7 +108,7 @@ class Alternate:
         return self._derived(
             name=f"ft{loop}", epochs=p.finetune_epochs, sampler=self.ft_sampler,
             data="labeled+pseudo", train=["backbone", f"heads.{p.g_prime}"], reset=[],
-            loss=list(self.ft_loss))
+            loss=list(self.ft_loss), eval_head=p.g_prime)
 
     def next_stage(self, history: list[dict]) -> StagePlan | None:
         h = len(history)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ltframe.data.views import Normalize, flip_pad_crop
+from ltframe.data.views import Normalize, flip_pad_crop, resized_crop
 from ltframe.data.views import gray_expand as gray
 from ltframe.engine.context import StepContext
 from ltframe.registry import Registry
@@ -145,15 +145,7 @@ class MocoView(Normalize):
         x = self.to_unit(x)
         b, dev = x.shape[0], x.device
         r = torch.rand(b, 8, generator=gen).to(dev)
-        area = self.p.min_scale + (1 - self.p.min_scale) * r[:, 0]
-        log_ratio = (r[:, 1] * 2 - 1) * 0.2877  # aspect ratio in (3/4, 4/3)
-        sx = (area * log_ratio.exp()).sqrt().clamp(max=1)
-        sy = (area / log_ratio.exp()).sqrt().clamp(max=1)
-        tx, ty = (1 - sx) * (r[:, 2] * 2 - 1), (1 - sy) * (r[:, 3] * 2 - 1)
-        zero = torch.zeros_like(sx)
-        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = resized_crop(x, r[:, :4], self.p.min_scale)
         on = (r[:, 4] < self.p.jitter_prob)[:, None, None, None]
         j = self.p.jitter
         fb, fc, fs = (1 + j * (torch.rand(3, b, generator=gen).to(dev) * 2 - 1))
