@@ -100,8 +100,10 @@ def test_stage_sequence_for_two_loops():
     assert [p.index for p in plans] == list(range(6))
     cfg = [p.cfg for p in plans]
     assert cfg[0].train == ["backbone", "heads.g_prime"] and cfg[0].epochs == 3
+    assert cfg[1].reset == ["heads.g"] and cfg[3].reset == cfg[5].reset == []  # update g
+    assert _scheduler(loops=2, classifier_reset=True).next_stage([{}] * 3).cfg.reset == ["heads.g"]
     for c in (cfg[1], cfg[3], cfg[5]):
-        assert c.train == ["heads.g"] and c.reset == ["heads.g"] and c.data == "labeled"
+        assert c.train == ["heads.g"] and c.data == "labeled"
         assert c.sampler.name == "class_balanced" and c.epochs == 2 and c.eval_head == "g"
         assert [loss.params.head for loss in c.loss] == ["g"]
     for c in (cfg[2], cfg[4]):

@@ -12,8 +12,9 @@ Stages (a pure function of the history length):
   "ft<l>": fine-tune f and g' on D + pseudo-labelled U (`data = "labeled+pseudo"`), random
   sampling, loss = CE(g') + lambda * consistency(g') (the per-sample memory is a new `consistency`
   loss per stage: uniform at each loop's start, as METHODS.md says);
-  "cls<l>": retrain g (reset) class-balanced on D with f frozen; relabel the pool with f and g
-  unless it is the last loop.
+  "cls<l>": update g class-balanced on D with f frozen (from the current g, as the paper's
+  "we update the class-balanced classifier"; `classifier_reset = true` starts a new g); relabel
+  the pool with f and g unless it is the last loop.
 Predictions and pool labels come from g; the "ft" stages' evaluations use g' (g is stale
 while f moves), every "cls" stage and the final number use g.
 
@@ -52,6 +53,10 @@ class AlternateParams:
     classifier_lr: float = param(0.0, ge=0)  # 0 = the init stage's lr
     finetune_lr: float = param(0.0, ge=0)  # 0 = the init stage's lr
     frozen_bn: Literal["frozen", "update"] = "frozen"  # f's BatchNorm in the "cls" stages
+    # loops' "cls" stages: False = continue from the current g (paper Sec. 3.4 Stage 3 "we
+    # update the class-balanced classifier g"), True = a new g each loop (cRT-style); "cls0"
+    # always starts a new g
+    classifier_reset: bool = False
 
 
 class Alternate:
@@ -99,7 +104,8 @@ class Alternate:
         relabel = loop < p.loops
         return self._derived(
             name=f"cls{loop}", epochs=p.classifier_epochs, sampler=self.cls_sampler,
-            data="labeled" if loop == 0 else p.classifier_data, train=[head], reset=[head],
+            data="labeled" if loop == 0 else p.classifier_data, train=[head],
+            reset=[head] if loop == 0 or p.classifier_reset else [],
             frozen_bn=p.frozen_bn, loss=list(self.cls_loss),
             label=self.labeler if relabel else None, label_head=p.g if relabel else "")
 
