@@ -38,7 +38,7 @@ def toy_model():
     from ltframe.models import LTModel
 
     heads = {"main": torch.nn.Linear(8, C), "rot": torch.nn.Linear(8, 4),
-             "proj": torch.nn.Linear(8, 5)}
+             "proj": torch.nn.Linear(8, 5), "aux": torch.nn.Linear(8, C)}
     return LTModel(_ToyBackbone(), heads)
 
 
