@@ -1,11 +1,19 @@
 """BMB (paper 002): the memory's admission, removal and draw probabilities equal the formulas,
 the memory rebalances an imbalanced stream, and the loss state survives a round trip."""
 
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from ltframe import resume_run, start_run
 from ltframe.engine.context import StepContext
+from ltframe.errors import LtframeError
 from ltframe.plugins import make_plugin_manager
+from ltframe.testing import StopAt, tiny_recipe
 from ltframe_bmb.loss import adaptive_weights
 from ltframe_bmb.memory import BalancedMemory, admission_prob
 
@@ -127,3 +135,35 @@ def test_loss_terms_and_state_round_trip_bit_exact():
     want = (adaptive_weights(torch.tensor([20.0, 5.0, 1.0]), 1.5)[ctx.targets]
             * F.cross_entropy(ctx.logits("labeled", "aux"), ctx.targets, reduction="none")).mean()
     assert torch.allclose(w(ctx), want) and w.memory is None
+
+
+@pytest.mark.slow
+def test_memory_and_estimate_survive_resume(tmp_path):
+    stage = {"name": "bmb", "epochs": 3, "steps_per_epoch": 2, "data": "labeled+unlabeled",
+             "ema": 0.9, "views": {"unlabeled": ["weak", "strong"]},
+             "pseudo_labeler": {"name": "threshold", "threshold": 0.0},
+             "loss": ["ce", "fixmatch", {"name": "bmb", "threshold": 0.0, "size": 8, "get": 4}]}
+    over = {"run": {"log_every": 1}, "data": {"split": {"name": "fraction", "labeled_fraction": 0.3}},
+            "model": {"heads": {"main": {"name": "linear"}, "aux": {"name": "linear"}},
+                      "eval_head": "aux"},
+            "stage": [stage]}
+    full = start_run(tiny_recipe(tmp_path / "a", **over))
+    with pytest.raises(LtframeError, match="interrupted"):
+        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(5, 0))])
+    resumed = resume_run(next((tmp_path / "b" / "runs").iterdir()))
+
+    def lines(run_dir):
+        rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows
+                if r["event"] in ("train", "eval")]
+
+    assert lines(full["run_dir"]) == lines(resumed["run_dir"])
+    assert any(r["loss"].get("bmb") for r in lines(full["run_dir"]) if r["event"] == "train")
+
+    def memory(run_dir):
+        ckpt = Path(run_dir) / "checkpoints"
+        state = load_file(ckpt / f"{(ckpt / 'latest').read_text().strip()}.safetensors")
+        return {k: v for k, v in state.items() if "memory" in k or "estimate" in k}
+
+    a, b = memory(full["run_dir"]), memory(resumed["run_dir"])
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
