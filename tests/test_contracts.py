@@ -38,7 +38,7 @@ def toy_model():
     from ltframe.models import LTModel
 
     heads = {"main": torch.nn.Linear(8, C), "rot": torch.nn.Linear(8, 4),
-             "proj": torch.nn.Linear(8, 5), "aux": torch.nn.Linear(8, C)}
+             "proj": torch.nn.Linear(8, 5), "aux": torch.nn.Linear(8, C), "soft": torch.nn.Linear(8, C)}
     return LTModel(_ToyBackbone(), heads)
 
 
@@ -73,6 +73,7 @@ def toy_ctx(model, targets: torch.Tensor) -> StepContext:
                       _teacher=lambda part: forward_no_grad(teacher, inputs[part], False, False),
                       _student_no_grad=lambda xb: forward_no_grad(model, xb, True, False))
     ctx.pseudo = PseudoLabels(targets.clone(), torch.ones(targets.numel()))
+    ctx.soft_targets = torch.softmax(torch.randn(targets.numel(), C), 1)  # a labelled table's rows
     # the mixed soft targets a `mixmatch`-style transform leaves for its loss
     soft = torch.softmax(torch.randn(targets.numel(), C), 1)
     ctx.extras["mixmatch"] = {"labeled:weak": soft, "unlabeled:weak": soft.flip(0),
@@ -236,8 +237,9 @@ def test_lr_schedule_contract(entry):
 
 @pytest.mark.parametrize("entry", entries("scheduler"))
 def test_scheduler_contract(entry):
-    stages = [(StageCfg(name=f"s{i}", epochs=1, data="labeled+unlabeled"), OptimCfg(None, None))
-              for i in range(2)]
+    optim = OptimCfg(REGISTRY.spec("optimizer", "sgd", "optim"),
+                     REGISTRY.spec("lr_schedule", "cosine", "optim.schedule"))
+    stages = [(StageCfg(name=f"s{i}", epochs=1, data="labeled+unlabeled"), optim) for i in range(2)]
     spec = REGISTRY.spec("scheduler", entry.name, "scheduler")
     try:
         sched = REGISTRY.build(spec, stages=stages)

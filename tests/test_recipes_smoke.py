@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ltframe import start_run
-from ltframe.testing import write_cifar_folder, write_list_dataset
+from ltframe.testing import write_cifar_folder, write_image_folder, write_list_dataset
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
@@ -18,18 +18,31 @@ def cifar_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def cifar100_root(tmp_path_factory):  # CIFAR-100 is not on disk: a tiny image export
+    root = tmp_path_factory.mktemp("cifar100")
+    classes = [f"class{i:03d}" for i in range(100)]
+    write_image_folder(root / "train", classes, 6, 32, seed=1)
+    write_image_folder(root / "test", classes, 1, 32, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
 def list_root(tmp_path_factory):
     return write_list_dataset(tmp_path_factory.mktemp("listfile"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_recipe_smoke(recipe, tmp_path, cifar_root, list_root):
+def test_recipe_smoke(recipe, tmp_path, cifar_root, cifar100_root, list_root):
     overrides = []
-    if 'name = "cifar' in recipe.read_text():
+    text = recipe.read_text()
+    if 'name = "cifar100"' in text:
+        overrides.append(f"data.source.root={cifar100_root}")
+    elif 'name = "cifar' in text:
         overrides.append(f"data.source.root={cifar_root}")
-    if 'name = "listfile"' in recipe.read_text():  # ImageNet layout at 32 px
-        overrides += [f"data.source.root={list_root}", "data.source.image_size=32"]
+    if 'name = "listfile"' in text:  # ImageNet layout at 32 px
+        overrides += [f"data.source.root={list_root}", "data.source.image_size=32",
+                      "data.source.train_list=train.txt", "data.source.test_list=val.txt"]
     if 'name = "crest"' in recipe.read_text():  # two generations show every step of a loop
         overrides.append("scheduler.generations=2")
     if 'name = "multiple"' in recipe.read_text():  # k x labeled must fit in 6 images per class

@@ -466,10 +466,11 @@ class Trainer:
         """Fit heads, record the stage's result, keep the evaluated weights, checkpoint."""
         plan, cfg, rc = st.plan, st.plan.cfg, self.recipe
         total, ema = st.total, st.ema
-        if cfg.fit:
+        if cfg.fit or total == 0:  # fitted heads, or an evaluation-only stage (no steps)
             eval_model = st.eval_model(self.model)
-            fitted = self.fit_heads(eval_model, cfg.fit)
-            self.log("fit", stage=plan.name, **fitted)
+            if cfg.fit:
+                fitted = self.fit_heads(eval_model, cfg.fit)
+                self.log("fit", stage=plan.name, **fitted)
             self._record_eval(plan, eval_model, max(total // st.spe - 1, 0), total)
         result = {"stage": plan.name, "index": plan.index, "steps": total,
                   "eval_head": cfg.eval_head or rc.model.eval_head,
