@@ -57,3 +57,26 @@ def test_recipe_smoke(recipe, tmp_path, cifar_root, cifar100_root, list_root):
 def test_recipes_exist():
     names = {str(p.relative_to(ROOT)) for p in RECIPES}
     assert {"recipes/quickstart.toml", "recipes/cifar10_lt/ce.toml"} <= names
+
+
+COMPOSITIONS = {  # methods mixed by recipe values only (no code)
+    "bmb+crest": ("recipes/cpu/bmb.toml", ['scheduler={name="crest", generations=2, progressive=false}']),
+    "bmb+la": ("recipes/cpu/bmb.toml", ['stage[0].loss[0]={name="la"}']),
+    "ssd+crt": ("recipes/cpu/ssd.toml", ["scheduler.teacher=crt"]),
+    "ssd+tau_norm": ("recipes/cpu/ssd.toml", [
+        "scheduler.teacher=tau_norm", 'model.heads.main={name="tau_norm"}',
+        'stage[0].train=["backbone", "heads.main", "heads.rot"]']),
+    "ssd+moco": ("recipes/cpu/ssd.toml", [
+        'model.heads.rot={name="mlp", out_features=16}',
+        'stage[0].views={labeled=["weak", "moco", "moco"]}',
+        'stage[0].loss=["ce", {name="moco", head="rot", query="labeled:moco", '
+        'key="labeled:moco#2", queue_size=64, mask_same_label=true}]']),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(COMPOSITIONS))
+def test_composition_smoke(name, tmp_path):
+    recipe, overrides = COMPOSITIONS[name]
+    summary = start_run(ROOT / recipe, overrides, out_dir=tmp_path, smoke=True)
+    assert summary["smoke"] and 0.0 <= summary["top1"] <= 100.0
