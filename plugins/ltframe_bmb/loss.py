@@ -112,9 +112,8 @@ class BmbLoss:
         gen = self._gen(ctx.step)
         self.memory.enqueue(feats, pl, kept, p.beta_in, gen)
         m_feats, m_labels, m_valid = self.memory.get(p.get, est, p.beta_get, gen)
-        head = ctx.model.heads[p.head]
-        m_logits = head(m_feats.to(head.weight.dtype if hasattr(head, "weight") else m_feats.dtype))
-        per = F.cross_entropy(m_logits.float(), m_labels.clamp_min(0), reduction="none")
+        m_logits = ctx.model.heads[p.head](m_feats).float()  # the auxiliary head, with grad
+        per = F.cross_entropy(m_logits, m_labels.clamp_min(0), reduction="none")
         l_mem = (per * m_valid.float()).sum() / m_valid.float().sum().clamp_min(1.0)
         return loss + p.lambda_mem * l_mem
 
