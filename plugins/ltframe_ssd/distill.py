@@ -5,8 +5,10 @@
 
 computed once for the training set by a whole-set labelling (`stage.label` with a soft
 `threshold` labeler at temperature T, `label_pool = "labeled"`) and read here from
-`ctx.soft_targets`. `form = "kl"` subtracts the (constant) entropy of y~, the KL form of the
-same gradient.
+`ctx.soft_targets`. Default `form = "kl"`: KL(y~ || softmax(z / T)) x T^2, summed over classes
+and averaged over the batch as SSD_LT/builder.py SDL.kd_loss; `form = "ce"` adds back the
+(constant) entropy of y~ (same gradient). Unlike the reference, which runs the frozen teacher on
+each augmented batch, the soft labels here are computed once (un-augmented, evaluation mode).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class DistillParams:
     head: str = "soft"  # the student head trained towards the soft labels
     part: str = "labeled"
     temperature: float = param(2.0, gt=0)  # T (paper 004: 2)
-    form: Literal["ce", "kl"] = "ce"
+    form: Literal["ce", "kl"] = "kl"  # the reference's F.kl_div (same gradient as "ce")
 
 
 class DistillLoss:
