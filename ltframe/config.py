@@ -24,11 +24,14 @@ class ComponentSpec:
     name: str
     params: Any
     weight: float = 1.0  # used by loss terms only
+    start: int = 0  # loss terms only: the stage step from which the term counts (a warm-up)
 
     def to_table(self) -> dict[str, Any]:
         table: dict[str, Any] = {"name": self.name}
         if self.kind == "loss":
             table["weight"] = self.weight
+            if self.start:
+                table["start"] = self.start
         if dataclasses.is_dataclass(self.params):
             table.update(to_plain(self.params))
         return table

@@ -140,12 +140,18 @@ class Registry:
             weight = body.pop("weight")
             if isinstance(weight, bool) or not isinstance(weight, int | float):
                 raise RecipeError(f"{path}.weight: expected a number, got {weight!r}")
+        start = 0
+        if kind == "loss" and "start" in body:
+            start = body.pop("start")
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise RecipeError(f"{path}.start: expected a step count >= 0 (the stage step "
+                                  f"from which the term counts), got {start!r}")
         try:
             entry = self.get(kind, name)
         except RegistryError as exc:
             raise RecipeError(f"{path}.name: {exc}") from None
         params = from_dict(entry.params, body, path)
-        return ComponentSpec(kind, entry.name, params, float(weight))
+        return ComponentSpec(kind, entry.name, params, float(weight), start)
 
     def build(self, spec: ComponentSpec | str, kind: str | None = None, **context: Any) -> Any:
         """Instantiate a component from a spec (or a name, with default params)."""

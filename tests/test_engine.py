@@ -239,3 +239,39 @@ def test_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monke
     assert (run_dir / "checkpoints/latest").read_text() == before
     assert not list((run_dir / "checkpoints").glob(".*tmp"))  # no half-written files
     ckpt.load(run_dir)  # the previous checkpoint still loads
+
+
+class _StepProbe:
+    steps: list[int] = []
+
+    def __init__(self, params, **kw):
+        pass
+
+    def __call__(self, ctx):
+        _StepProbe.steps.append(ctx.step)
+        return ctx.logits().logsumexp(1).mean() * 0 + 1.0
+
+
+class _ProbePlugin:
+    @hookimpl
+    def ltframe_register(self, registry):
+        registry.register("loss", "t_step_probe", _StepProbe, NoParams)
+
+
+def test_loss_start_skips_the_term_until_its_step(tmp_path):
+    _StepProbe.steps = []
+    recipe = tiny_recipe(tmp_path, stage=[{"name": "train", "epochs": 2, "steps_per_epoch": 3,
+                                            "loss": [{"name": "ce"},
+                                                     {"name": "t_step_probe", "start": 4}]}])
+    run_dir = Path(start_run(recipe, plugins=[("probe", _ProbePlugin())])["run_dir"])
+    assert _StepProbe.steps == [4, 5]  # not called during the warm-up
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").open()]
+    train = [r["loss"] for r in rows if r["event"] == "train"]
+    assert train[0]["t_step_probe"] == 0.0 and train[-1]["t_step_probe"] > 0
+
+
+def test_loss_start_must_be_a_step_count(tmp_path):
+    recipe = tiny_recipe(tmp_path, stage=[{"name": "x", "steps": 1,
+                                            "loss": [{"name": "ce", "start": -1}]}])
+    with pytest.raises(RecipeError, match=r"stage\[0\]\.loss\[0\]\.start"):
+        start_run(recipe)

@@ -75,7 +75,7 @@ class Stage:
     optimizer: Any
     base_lrs: list[float]
     counts: Tensor
-    losses: list[tuple[str, float, Any]]
+    losses: list[tuple[str, float, int, Any]]  # name, weight, start step, term
     labeler: Any
     views: dict[str, list]
     streams: dict[str, BatchStream]

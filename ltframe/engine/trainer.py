@@ -283,11 +283,12 @@ class Trainer:
         ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
                       seed=rc.run.seed * 1000 + plan.index,
                       labeled_counts=d.labeled_counts.to(self.device))
-        losses: list[tuple[str, float, Any]] = []
+        losses: list[tuple[str, float, int, Any]] = []
         for i, spec in enumerate(cfg.loss):
-            name = spec.name if spec.name not in [n for n, _, _ in losses] else f"{spec.name}{i}"
-            losses.append((name, spec.weight, reg.build(spec, **ctx_kw)))
-            self._register_component(f"loss.{name}", losses[-1][2])
+            taken = [n for n, *_ in losses]
+            name = spec.name if spec.name not in taken else f"{spec.name}{i}"
+            losses.append((name, spec.weight, spec.start, reg.build(spec, **ctx_kw)))
+            self._register_component(f"loss.{name}", losses[-1][3])
         labeler = reg.build(cfg.pseudo_labeler, **ctx_kw) if cfg.pseudo_labeler else None
         if labeler is not None:
             self._register_component("pseudo_labeler", labeler)
@@ -308,7 +309,7 @@ class Trainer:
             base_lrs=[g["lr"] for g in optimizer.param_groups] if optimizer else [],
             counts=counts, losses=losses, labeler=labeler, views=views, streams=streams,
             ema=EMA(self.model, cfg.ema) if cfg.ema > 0 else None,
-            acc=Accumulators(self.device, [n for n, _, _ in losses], d.num_classes),
+            acc=Accumulators(self.device, [n for n, *_ in losses], d.num_classes),
             transform=transform,
             teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
@@ -370,7 +371,10 @@ class Trainer:
             if "unlabeled" in ctx.indices_by_part:
                 st.acc.count_pseudo(ctx.pseudo, self.hidden[ctx.indices_by_part["unlabeled"]])
         loss = st.acc.zero
-        for name, weight, term in st.losses:
+        for name, weight, start, term in st.losses:
+            if ctx.step < start:  # the term's warm-up: not computed, logged as 0
+                ctx.losses[name] = st.acc.zero
+                continue
             value = term(ctx)
             ctx.losses[name] = value
             loss = loss + weight * value
