@@ -46,6 +46,12 @@ def test_stage_plan():
     assert final.train == ["heads.soft.scale"] and final.eval_head == "soft" and final.epochs == 3
     assert _scheduler(final="none").next_stage([{}] * 4) is None
     assert _scheduler(teacher="crt").next_stage([{}]).cfg.reset == ["heads.main"]
+    # stage II/IV settings of SSD_LT ssd_stage_ii.py (lr 0.2, 2 per class, batch 512)
+    s = _scheduler(classifier_lr=0.2, classifier_per_class=2, classifier_batch_size=512)
+    for plan in (s.next_stage([{}]), s.next_stage([{}] * 4)):
+        assert plan.optim.optimizer.params.lr == 0.2 and plan.cfg.batch_size == 512
+        assert plan.cfg.sampler.params.per_class == 2
+    assert s.next_stage([{}] * 2).cfg.batch_size == 0  # the student keeps stage I's batch
     with pytest.raises(RecipeError, match="same head"):
         _scheduler(soft="main")
 

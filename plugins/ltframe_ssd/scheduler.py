@@ -29,6 +29,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ltframe.config import param
 from ltframe.engine.stages import StagePlan
 from ltframe.errors import RecipeError
 from ltframe.recipe import OptimCfg, StageCfg, ViewsCfg
@@ -45,6 +46,11 @@ class SsdParams:
     final: str = "lws"  # decoupled classifier of stage IV, or "none"
     final_head: str = "soft"  # the stage-III head that stage IV re-balances
     final_epochs: int = 10
+    # stages II and IV: lr (0 = stage I's), class-aware samples per class, batch (0 = stage I's);
+    # SSD_LT ssd_stage_ii.py (ImageNet-LT): lr 0.2, 2 per class, batch 512
+    classifier_lr: float = param(0.0, ge=0)
+    classifier_per_class: int = param(4, ge=1)
+    classifier_batch_size: int = param(0, ge=0)
     student_epochs: int = 0  # 0 = stage I's epochs
     hard_weight: float = 1.0
     soft_weight: float = 1.0
@@ -82,8 +88,10 @@ class Ssd:
         ]
 
     def _decoupled(self, classifier: str, head: str, epochs: int, where: str) -> Any:
-        spec = self.registry.spec("scheduler", {"name": "decoupled", "classifier": classifier,
-                                                "head": head, "epochs": epochs}, where)
+        p = self.p
+        spec = self.registry.spec("scheduler", {
+            "name": "decoupled", "classifier": classifier, "head": head, "epochs": epochs,
+            "lr": p.classifier_lr, "per_class": p.classifier_per_class}, where)
         return self.registry.build(spec, stages=[(self.joint, self.optim)])
 
     def _ce(self, head: str) -> Any:
@@ -124,7 +132,8 @@ class Ssd:
             cfg = dataclasses.replace(plan.cfg, name="teacher", label=self.labeler,
                                       label_pool="labeled", label_head=p.hard,
                                       loss=[self._ce(p.hard)], views=self._views(),
-                                      eval_head=plan.cfg.eval_head if p.teacher == "ncm" else p.hard)
+                                      eval_head=plan.cfg.eval_head if p.teacher == "ncm" else p.hard,
+                                      batch_size=p.classifier_batch_size or self.joint.batch_size)
             optim = plan.optim
         elif h == 2:
             cfg, optim = self.student(), self.optim
@@ -136,7 +145,8 @@ class Ssd:
             plan = self.final.next_stage([{}])
             cfg = dataclasses.replace(plan.cfg, name="final", data="labeled", label=None,
                                       eval_head=p.final_head,
-                                      loss=[self._ce(p.final_head)], views=self._views())
+                                      loss=[self._ce(p.final_head)], views=self._views(),
+                                      batch_size=p.classifier_batch_size or self.joint.batch_size)
             optim = plan.optim
         else:
             return None
