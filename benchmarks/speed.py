@@ -1,0 +1,250 @@
+"""Steady-state speed of ltframe's training steps, one table (issue 10).
+
+Workloads (synthetic CIFAR-sized data by default, `--root` for the real CIFAR-10 export):
+
+  (a) fixmatch    FixMatch, WRN-28-2, 64 labeled + 448 unlabeled (mu = 7), weak + strong views,
+                  EMA 0.999, SGD (USB's / CReST's step);
+  (b) supervised  CE, ResNet-32, CIFAR-10-LT (ratio 100), batch 128, pad-crop-flip view;
+  (c) bmb         BMB's step: FixMatch base + auxiliary head + `bmb` memory loss, 64 + 64, Adam;
+  (d) crest_pass  one CReST labelling pass (`crest_select`) over the unlabeled pool with WRN-28-2;
+  (y) plain_torch the yardstick for (b): the same ResNet-32 and batch size in a plain PyTorch loop
+                  (batch already on the device, no augmentation, no EMA, no logging).
+
+For (a)-(c) it runs `ltframe run` in-process on a temporary directory and times the steps with a
+hook: the first `--warmup` steps (setup excluded; cudnn autotune, torch.compile, first-touch
+allocation) are reported apart as warm-up, the next `--steps` as the steady state. On CUDA the
+clock reads are preceded by a synchronize only at those two boundaries, so the steady state has
+no extra host synchronisation. images/s counts every image forwarded (all views).
+
+    .venv/bin/python benchmarks/speed.py                              # CPU: a small step count
+    .venv/bin/python benchmarks/speed.py --steps 300 --warmup 50      # GPU
+    .venv/bin/python benchmarks/speed.py --only supervised,plain_torch --json out.json
+    .venv/bin/python benchmarks/speed.py --root .cache/cifar10        # real CIFAR-10 export
+
+`benchmarks/scaling.py` measures pseudo-labelling / selection / evaluation against pool size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ltframe import hookimpl, start_run
+from ltframe.engine import trainer as trainer_mod
+from ltframe.plugins import make_plugin_manager
+from ltframe.recipe import build_recipe
+from ltframe.tomlw import dumps
+
+WORKLOADS = ("fixmatch", "supervised", "bmb", "crest_pass", "plain_torch")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _data(root: str | None, split: bool) -> dict[str, Any]:
+    source = ({"name": "cifar10", "root": root} if root else
+              {"name": "synthetic", "num_classes": 10, "train_per_class": 5000,
+               "test_per_class": 100, "image_size": 32})
+    data: dict[str, Any] = {"source": source, "longtail": {"name": "exp", "ratio": 100}}
+    if split:  # DARP / USB CIFAR-10-LT: N_1 = 1500, M_1 = 3000, ratio 100
+        data["longtail"] = {"name": "none"}
+        data["split"] = {"name": "counts", "labeled_head": 1500, "labeled_ratio": 100,
+                         "unlabeled_head": 3000, "unlabeled_ratio": 100}
+    return data
+
+
+def _recipe(workload: str, steps: int, root: str | None, device: str, out: Path) -> dict:
+    run = {"name": workload, "seed": 0, "log_every": 10 ** 9, "device": device,
+           "out_dir": str(out)}
+    ssl = {"data": "labeled+unlabeled", "ema": 0.999, "unlabeled_pool": "unlabeled",
+           "views": {"labeled": ["weak"], "unlabeled": ["weak", "strong"]},
+           "pseudo_labeler": {"name": "threshold", "threshold": 0.95}}
+    stage: dict[str, Any] = {"name": workload, "steps": steps, "steps_per_epoch": steps,
+                             "eval_every": 0}
+    sgd = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+           "schedule": {"name": "cosine"}}
+    model: dict[str, Any] = {"backbone": "wrn28_2", "heads": {"main": {"name": "linear"}}}
+    if workload == "supervised":
+        data = {**_data(root, split=False), "batch_size": 128}
+        model = {"backbone": "resnet32_cifar", "heads": {"main": {"name": "linear"}}}
+        stage.update(views={"labeled": ["weak"]}, loss=[{"name": "ce"}])
+        optim = {**sgd, "lr": 0.1, "nesterov": False}
+    elif workload == "fixmatch":
+        data = {**_data(root, split=True), "batch_size": 64}
+        stage.update(ssl, unlabeled_ratio=7, loss=[{"name": "ce"}, {"name": "fixmatch"}])
+        optim = sgd
+    elif workload == "bmb":
+        data = {**_data(root, split=True), "batch_size": 64}
+        model["heads"] = {"main": {"name": "linear"}, "aux": {"name": "linear"}}
+        model["eval_head"] = "aux"
+        stage.update(ssl, unlabeled_ratio=1, loss=[
+            {"name": "ce"}, {"name": "fixmatch"},
+            {"name": "bmb", "head": "aux", "size": 256, "get": 128, "warmup": 0}])
+        optim = {"name": "adam", "lr": 0.002, "schedule": {"name": "constant"}}
+    elif workload == "crest_pass":
+        data = {**_data(root, split=True), "batch_size": 64}
+        stage.update(steps=1, steps_per_epoch=1, label={"name": "crest_select"})
+        optim = sgd
+    else:
+        raise ValueError(workload)
+    return {"run": run, "data": data, "model": model, "optim": optim, "stage": [stage]}
+
+
+class _Clock:
+    """Wall-clock marks at the end of the warm-up and of the last step (synchronised there)."""
+
+    def __init__(self, warmup: int, total: int, device: str) -> None:
+        self.warmup, self.total, self.device = warmup, total, device
+        self.marks: dict[str, float] = {}
+        self.images = 0
+
+    @hookimpl
+    def ltframe_stage_start(self, run: Any, stage: Any) -> None:
+        _sync(self.device)
+        self.marks["start"] = time.perf_counter()
+
+    @hookimpl
+    def ltframe_step_end(self, run: Any, stage: Any, step: int, ctx: Any) -> None:
+        if step + 1 == self.warmup:
+            _sync(self.device)
+            self.marks["warm"] = time.perf_counter()
+        elif step + 1 > self.warmup:
+            parts = {id(f): int(f.shape[0]) for f in ctx.features_by_part.values()}
+            self.images += sum(parts.values())  # every image forwarded (aliases once)
+        if step + 1 == self.total:
+            _sync(self.device)
+            self.marks["end"] = time.perf_counter()
+
+
+def run_workload(workload: str, steps: int, warmup: int, root: str | None,
+                 device: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        total = warmup + steps
+        raw = _recipe(workload, total, root, device, out / "runs")
+        path = out / "recipe.toml"
+        path.write_text(dumps(raw))
+        if workload == "crest_pass":
+            return _crest_pass(path, device)
+        clock = _Clock(warmup, total, device)
+        t0 = time.perf_counter()
+        start_run(path, plugins=[("clock", clock)], reporter=None)
+        wall = time.perf_counter() - t0
+        m = clock.marks
+        steady = m["end"] - m["warm"]
+        return {"workload": workload, "steps": steps, "steps_per_s": steps / steady,
+                "images_per_s": clock.images / steady, "warmup_s": m["warm"] - m["start"],
+                "setup_s": m["start"] - t0, "wall_s": wall}
+
+
+def _crest_pass(path: Path, device: str) -> dict[str, Any]:
+    """Time `label_pool` (predict the whole unlabeled pool + crest_select + writing)."""
+    timings: list[tuple[float, int]] = []
+    inner = trainer_mod.label_pool
+
+    def timed(trainer: Any, plan: Any, model: Any) -> dict:
+        _sync(device)
+        t = time.perf_counter()
+        out = inner(trainer, plan, model)
+        _sync(device)
+        timings.append((time.perf_counter() - t, int(trainer.data.splits.unlabeled.numel())))
+        return out
+
+    trainer_mod.label_pool = timed
+    try:
+        start_run(path, reporter=None)
+    finally:
+        trainer_mod.label_pool = inner
+    secs, pool = timings[0]
+    return {"workload": "crest_pass", "steps": 1, "pool": pool, "pass_s": secs,
+            "images_per_s": pool / secs}
+
+
+def plain_torch(steps: int, warmup: int, device: str, batch: int = 128) -> dict[str, Any]:
+    """ResNet-32 + linear head, SGD, CE on one fixed batch already on the device."""
+    pm, reg = make_plugin_manager()
+    rec = build_recipe({"model": {"backbone": "resnet32_cifar"},
+                        "stage": [{"name": "x", "steps": 1}]}, reg)
+    from ltframe.engine.setup import build_model
+
+    model = build_model(rec, reg, 10).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    def step() -> None:
+        _, logits = model(x)
+        loss = F.cross_entropy(logits["main"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    steady = time.perf_counter() - t1
+    return {"workload": "plain_torch", "steps": steps, "steps_per_s": steps / steady,
+            "images_per_s": steps * batch / steady, "warmup_s": t1 - t0, "setup_s": 0.0,
+            "wall_s": time.perf_counter() - t0}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'workload':<12} {'steps/s':>9} {'images/s':>10} {'warm-up s':>10} {'setup s':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["workload"] == "crest_pass":
+            lines.append(f"{'crest_pass':<12} {'':>9} {r['images_per_s']:>10.1f} "
+                         f"{'':>10} {'':>8}  (pool {r['pool']}, {r['pass_s']:.2f} s)")
+            continue
+        lines.append(f"{r['workload']:<12} {r['steps_per_s']:>9.2f} {r['images_per_s']:>10.1f} "
+                     f"{r['warmup_s']:>10.2f} {r['setup_s']:>8.2f}")
+    by = {r["workload"]: r for r in rows}
+    if "supervised" in by and "plain_torch" in by:
+        ratio = by["supervised"]["steps_per_s"] / by["plain_torch"]["steps_per_s"]
+        lines.append(f"supervised / plain_torch steps/s: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=0, help="steady-state steps (0: 20 CPU, 300 GPU)")
+    ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (0: 3 CPU, 50 GPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--root", default=None, help="a CIFAR-10 export instead of synthetic data")
+    ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
+    steps = args.steps or (300 if gpu else 20)
+    warmup = args.warmup or (50 if gpu else 3)
+    rows = []
+    for w in args.only.split(","):
+        if w not in WORKLOADS:
+            raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+        r = (plain_torch(steps, warmup, args.device) if w == "plain_torch" else
+             run_workload(w, steps, warmup, args.root, args.device))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"device: {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
