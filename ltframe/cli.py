@@ -224,12 +224,32 @@ def run(recipe: str, overrides: tuple[str, ...], out_dir: str | None, smoke: boo
     from ltframe.engine.run import start_run
 
     t0 = time.perf_counter()
-    summary = start_run(recipe, list(overrides), out_dir=out_dir, smoke=smoke,
-                        block=blocked, reporter=RichReporter(quiet))
+    try:
+        summary = start_run(recipe, list(overrides), out_dir=out_dir, smoke=smoke,
+                            block=blocked, reporter=_reporter(quiet))
+    finally:
+        _leave_group()
     _finish(summary, time.perf_counter() - t0)
 
 
+def _reporter(quiet: bool) -> Reporter:
+    """Progress on the terminal from rank 0 only (under torchrun)."""
+    from ltframe.engine.dist import env_info
+
+    return RichReporter(quiet) if env_info().main else Reporter()
+
+
+def _leave_group() -> None:
+    from ltframe.engine.dist import shutdown
+
+    shutdown()
+
+
 def _finish(summary: dict[str, Any], seconds: float) -> None:
+    from ltframe.engine.dist import env_info
+
+    if not env_info().main:
+        return
     ips = summary.get("images_per_s")
     speed = f", {ips:.0f} images/s" if ips else ""
     out.print(f"{summary['run_dir']}  ({seconds:.0f} s{speed})", highlight=False)
@@ -249,8 +269,11 @@ def resume(run_dir: str, overrides: tuple[str, ...], from_checkpoint: str | None
     from ltframe.engine.run import resume_run
 
     t0 = time.perf_counter()
-    summary = resume_run(run_dir, list(overrides), from_checkpoint=from_checkpoint,
-                         reporter=RichReporter(quiet))
+    try:
+        summary = resume_run(run_dir, list(overrides), from_checkpoint=from_checkpoint,
+                             reporter=_reporter(quiet))
+    finally:
+        _leave_group()
     _finish(summary, time.perf_counter() - t0)
 
 

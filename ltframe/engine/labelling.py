@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ltframe.engine import dist
 from ltframe.engine.checkpoint import atomic_write_bytes, atomic_write_text
 from ltframe.engine.context import PoolLabels, PoolPredictions
 from ltframe.engine.stages import StagePlan
@@ -55,14 +56,17 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     index = pool_index(d, cfg.label_pool, plan, run.smoke)
     head = cfg.label_head or cfg.eval_head or trainer.recipe.model.eval_head
     # float32 (no autocast): bf16 logits would tie many confidences and change the ranking
-    logits = predict(model, d.train, index, d.source.mean, d.source.std,
-                     trainer.recipe.eval.batch_size, head, False, trainer.channels_last)
+    local, n = dist.shard(index)  # each rank predicts a share; every rank gets all of it
+    logits = dist.unshard(predict(model, d.train, local, d.source.mean, d.source.std,
+                                  trainer.recipe.eval.batch_size, head, False,
+                                  trainer.channels_last), n)
     pool = PoolPredictions(index=index, probs=logits.softmax(1), num_classes=d.num_classes,
                            class_counts=counts.cpu(), stage_index=plan.index, stage_name=plan.name,
                            logits=logits)
     sel: PoolLabels = labeler.label_pool(pool)
     trainer.table.apply(sel.index, sel.targets, sel.weight)
-    _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel)
+    if dist.is_main():
+        _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel)
     ev = trainer.recipe.eval
     groups = group_masks(counts.cpu(), ev.many_threshold, ev.few_threshold, ev.groups, ev.rank_sizes)
     diag = diagnostics(sel, trainer.hidden.cpu(), trainer.table, d.num_classes, pool, groups)

@@ -14,6 +14,7 @@ import torch
 
 from ltframe.data.bundle import DataBundle, check_splits, save_splits
 from ltframe.engine import checkpoint as ckpt
+from ltframe.engine import dist
 from ltframe.engine.report import Reporter
 from ltframe.engine.setup import (
     build_data,
@@ -45,18 +46,27 @@ class Run:
     data: DataBundle
     model: LTModel
     smoke: bool = False
+    rank: int = 0  # this process under torchrun (0 in a single process)
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files (plugins writing logs check this)."""
+        return self.rank == 0
 
 
 def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Path,
              smoke: bool) -> Run:
-    device = pick_device(recipe.run.device)
+    device = dist.local_device(pick_device(recipe.run.device))
+    info = dist.init(device)
     torch.manual_seed(recipe.run.seed)
     data = build_data(recipe, registry, device, smoke)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, registry, data.num_classes).to(device)
     if device.type == "cuda" and recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return Run(recipe, pm, registry, run_dir, device, data, model, smoke)
+    return Run(recipe, pm, registry, run_dir, device, data, model, smoke, info.rank,
+               info.world_size)
 
 
 def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> dict:
@@ -98,7 +108,8 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
         "run_dir": str(run.run_dir),
         "smoke": run.smoke,
     }
-    ckpt.atomic_write_json(run.run_dir / "summary.json", summary)
+    if run.is_main:
+        ckpt.atomic_write_json(run.run_dir / "summary.json", summary)
     run.pm.hook.ltframe_run_end(run=run, summary=summary)
     return summary
 
@@ -124,16 +135,21 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         recipe = load_recipe(recipe_path, registry, overrides)
     check_out_dir(out_dir or recipe.run.out_dir, "--out" if out_dir else "run.out_dir")
     run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
-    run.run_dir = run_dir = new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)
+    # rank 0 makes the run directory; every rank uses it
+    run.run_dir = run_dir = Path(dist.broadcast_object(
+        str(new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)) if run.is_main else ""))
     reporter = reporter or Reporter()
     reporter.message(f"run directory: {run_dir}")
     for line in run.data.notes:
         reporter.message(line)
-    write_run_files(run_dir, recipe, plugin_versions(pm),
-                    {"smoke": smoke, "blocked": sorted(block or []),
-                     "recipe": str(recipe_path) if recipe_path else None,
-                     "overrides": list(overrides or [])})
-    save_splits(run.data, run_dir)
+    if run.is_main:
+        write_run_files(run_dir, recipe, plugin_versions(pm),
+                        {"smoke": smoke, "blocked": sorted(block or []),
+                         "recipe": str(recipe_path) if recipe_path else None,
+                         "overrides": list(overrides or []),
+                         "world_size": run.world_size})
+        save_splits(run.data, run_dir)
+    dist.barrier()
     return _guarded(run_dir, lambda: _execute(run, reporter, None))
 
 
@@ -193,12 +209,16 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
     ckpt.load_module_state(run.model, tensors, "model", str(path.with_suffix(".safetensors")))
     reporter.message(f"resuming {run_dir} from {path.stem} (stage {side['stage_index']}, "
                      f"step {side['step']})")
-    _truncate_metrics(run_dir, side.get("metrics_bytes"))
-    if overrides:
-        ckpt.atomic_write_text(run_dir / "resolved.toml", recipe.to_toml())
-    meta.setdefault("resumes", []).append({"checkpoint": path.stem, "overrides": list(overrides or []),
-                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    ckpt.atomic_write_json(run_dir / "run.json", meta)
+    dist.barrier()  # every rank has read the checkpoint before rank 0 changes any file
+    if run.is_main:
+        _truncate_metrics(run_dir, side.get("metrics_bytes"))
+        if overrides:
+            ckpt.atomic_write_text(run_dir / "resolved.toml", recipe.to_toml())
+        meta.setdefault("resumes", []).append({"checkpoint": path.stem,
+                                               "overrides": list(overrides or []),
+                                               "world_size": run.world_size,
+                                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        ckpt.atomic_write_json(run_dir / "run.json", meta)
     return _guarded(run_dir, lambda: _execute(run, reporter, (tensors, side)))
 
 

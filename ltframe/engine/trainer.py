@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ltframe.data.samplers import BatchStream
 from ltframe.engine import checkpoint as ckpt
+from ltframe.engine import dist
 from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
@@ -49,7 +50,10 @@ class Trainer:
         self.cuda = self.device.type == "cuda"
         self.autocast = self.cuda and self.recipe.run.precision == "bf16"
         self.channels_last = self.cuda and self.recipe.run.channels_last
-        self.aug_gen = torch.Generator().manual_seed(self.recipe.run.seed + 1)
+        self.dist = dist.info()
+        # augmentation draws: one stream per rank (rank 0's is the single-process stream)
+        self.aug_gen = torch.Generator().manual_seed(self.recipe.run.seed + 1
+                                                     + 7_919 * self.dist.rank)
         self.history: list[dict] = []
         self.record = EvalRecord(self.recipe.eval.report, self.recipe.eval.last_k)
         self.components: dict[str, Any] = {}
@@ -67,6 +71,8 @@ class Trainer:
 
     # --- metrics file ---------------------------------------------------------------------
     def log(self, event: str, **data: Any) -> None:
+        if not self.dist.main:  # only rank 0 writes
+            return
         with open(self.run.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"event": event, **data}) + "\n")
 
@@ -111,9 +117,10 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module, head: str = "") -> dict:
         rc, d = self.recipe, self.data
         src = d.source
-        index = torch.arange(d.test_labels.numel())
-        logits = predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
-                         head or rc.model.eval_head, self.autocast, self.channels_last)
+        index, n = dist.shard(torch.arange(d.test_labels.numel()))  # each rank a share
+        logits = dist.unshard(predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
+                                      head or rc.model.eval_head, self.autocast,
+                                      self.channels_last), n)
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                                   rc.eval.many_threshold, rc.eval.few_threshold,
                                   rc.eval.posthoc_tau, self.prior_counts,
@@ -137,8 +144,10 @@ class Trainer:
         """Call `fit(train_feats, train_labels, val_feats, val_labels)` on each listed head
         with un-augmented features of the labeled set (and the val split, if any)."""
         d, bs = self.data, self.recipe.eval.batch_size
-        feats = extract_features(model, d.train, d.splits.labeled, d.source.mean, d.source.std, bs)
-        val_feats = (extract_features(model, d.val, d.val_index, d.source.mean, d.source.std, bs)
+        feats = _sharded(lambda i: extract_features(model, d.train, i, d.source.mean,
+                                                    d.source.std, bs), d.splits.labeled)
+        val_feats = (_sharded(lambda i: extract_features(model, d.val, i, d.source.mean,
+                                                         d.source.std, bs), d.val_index)
                      if d.val is not None else None)
         out = {}
         for path in paths:
@@ -156,6 +165,12 @@ class Trainer:
         batch = cfg.batch_size or self.recipe.data.batch_size
         if self.run.smoke:
             batch = min(batch, SMOKE_BATCH)
+        rank, world = self.dist.rank, self.dist.world_size
+        if batch % world:
+            raise RecipeError(f"stage '{plan.name}': the batch size {batch} is the global batch "
+                              f"and must divide by the {world} processes; set data.batch_size "
+                              f"(or stage.batch_size) to a multiple of {world}")
+        batch //= world
         parts = cfg.data.split("+")
         seed = self.recipe.run.seed * 1000 + plan.index
         # with the default steps_per_epoch, stage epoch e is the main sampler's epoch e
@@ -164,14 +179,15 @@ class Trainer:
         supervised = "labeled" in parts or "pseudo" in parts
         if supervised:
             sampler = reg.build(cfg.sampler, labels=self.table.labels[index],
-                                num_classes=d.num_classes, seed=seed, rank=0, world_size=1)
+                                num_classes=d.num_classes, seed=seed, rank=rank,
+                                world_size=world)
             streams["labeled"] = BatchStream(sampler, index, batch, **aligned)
         if "unlabeled" in parts:
             pool = (d.splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
                     else torch.cat([d.splits.labeled, d.splits.unlabeled]))
             unknown = torch.full((pool.numel(),), -1, dtype=torch.long)  # no labels reach it
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
-                                  seed=seed + 500, rank=0, world_size=1)
+                                  seed=seed + 500, rank=rank, world_size=world)
             u_batch = batch * (cfg.unlabeled_ratio if supervised else 1)
             if self.run.smoke:
                 u_batch = min(u_batch, 2 * SMOKE_BATCH)
@@ -313,10 +329,22 @@ class Trainer:
             transform=transform,
             teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
+            ddp=self._ddp() if params and total > 0 else None,
         )
         if resume is not None:
             self._restore_stage(st, *resume)
         return st
+
+    def _ddp(self) -> torch.nn.Module | None:
+        """The model wrapped in DistributedDataParallel (gradients averaged over ranks) for a
+        multi-process stage; built per stage, since the trainable parameters change."""
+        if self.dist.world_size == 1:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.cuda else None
+        # heads outside a stage's losses (e.g. a rotation head) get no gradient
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
 
     def _restore_stage(self, st: Stage, tensors: dict[str, Tensor], meta: dict) -> None:
         st.start = st.acc.last_good = int(meta["step"])
@@ -360,7 +388,7 @@ class Trainer:
         if st.transform is not None:
             x_all = self._transformed(st, ctx, sizes, aliases, x_all)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            feats, logits = self.model(x_all)
+            feats, logits = (st.ddp or self.model)(x_all)
         logits = {k: v.float() for k, v in logits.items()}
         f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
         for alias, part in aliases.items():
@@ -433,6 +461,10 @@ class Trainer:
     def _log_train(self, st: Stage, done: int, epoch: int) -> None:
         """Sync the accumulated loss terms (the only per-interval host sync), check them."""
         acc = st.acc
+        if self.dist.world_size > 1:  # every rank logs the mean over ranks
+            for k, v in acc.sums.items():
+                acc.sums[k] = dist.all_sum(v) / self.dist.world_size
+            acc.imgs = int(dist.all_sum(torch.tensor(acc.imgs)))
         self._check_finite(acc.bad, acc.sums, st.plan, acc.last_good, done)
         dt = time.perf_counter() - acc.t_log
         ips = acc.imgs / dt if dt > 0 else 0.0
@@ -452,6 +484,8 @@ class Trainer:
         # a stage that fits heads is evaluated once, after fitting
         if (last and not cfg.fit) or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             metrics = self._record_eval(st.plan, st.eval_model(self.model), epoch, done)
+        if self.dist.world_size > 1:
+            st.acc.confusion = dist.all_sum(st.acc.confusion)
         if st.labeler is not None and st.acc.confusion.sum() > 0:
             plm = pseudo_label_metrics(st.acc.confusion.view(n, n))
             self.log("pseudo_labels", stage=st.plan.name, epoch=epoch, **plm)
@@ -502,7 +536,7 @@ class Trainer:
 
     def _check_finite(self, bad: Tensor, sums: dict[str, Tensor], plan: StagePlan,
                       last_good: int, done: int) -> None:
-        if not bool(bad):
+        if not bool(dist.all_sum(bad.to(torch.int32)) > 0):  # the same decision on every rank
             return
         terms = ", ".join(f"{k}={float(v):.4g}" for k, v in sums.items())
         kept = self._kept()
@@ -532,6 +566,8 @@ class Trainer:
         if acc is not None:  # the open log interval's loss sums and this epoch's pseudo-labels
             tensors.update(acc.state_tensors())
         rng = {"aug": self.aug_gen.get_state(), "torch": torch.get_rng_state()}
+        if self.dist.world_size > 1:  # every rank's augmentation stream
+            rng["aug_ranks"] = dist.gather_batch(self.aug_gen.get_state()[None])
         if self.cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         bad = ckpt.nonfinite({k: v for k, v in tensors.items()
@@ -560,7 +596,8 @@ class Trainer:
             "metrics_bytes": self._metrics_size(),
         }
         stem = stem or f"step-s{plan.index}-{step:08d}"
-        self.last_checkpoint = ckpt.save(self.ckpt_dir, stem, tensors, meta)
+        if self.dist.main:  # only rank 0 writes
+            self.last_checkpoint = ckpt.save(self.ckpt_dir, stem, tensors, meta)
 
     def _metrics_size(self) -> int:
         f = self.run.run_dir / "metrics.jsonl"
@@ -570,7 +607,11 @@ class Trainer:
         """Model weights, RNG states and history from a checkpoint (optimizer: in run_stage)."""
         ckpt.load_module_state(self.model, tensors, "model", meta.get("tensors", "checkpoint"))
         rng = ckpt.unflatten_state(meta["rng"], tensors)
-        self.aug_gen.set_state(rng["aug"])
+        ranks = rng.get("aug_ranks")
+        if ranks is not None and ranks.shape[0] == self.dist.world_size:
+            self.aug_gen.set_state(ranks[self.dist.rank].clone())
+        elif self.dist.rank == 0:
+            self.aug_gen.set_state(rng["aug"])
         torch.set_rng_state(rng["torch"])
         if self.cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -578,6 +619,12 @@ class Trainer:
         if any(k.startswith("targets.") for k in tensors):
             self.table.load_state_dict({k[8:]: v for k, v in tensors.items()
                                         if k.startswith("targets.")})
+
+
+def _sharded(fn: Any, index: Tensor) -> Tensor:
+    """`fn(index)` computed by each rank on a share of `index`, gathered on every rank."""
+    local, n = dist.shard(index)
+    return dist.unshard(fn(local), n)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

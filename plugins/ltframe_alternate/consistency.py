@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ltframe.engine.context import StepContext
+from ltframe.engine.dist import gather_batch
 from ltframe.registry import Registry
 
 
@@ -66,7 +67,8 @@ class Consistency:
             self.epoch = ctx.epoch
         target = self.prev[idx]
         log_p = F.log_softmax(logits, dim=1)
-        self.next[idx] = log_p.detach().exp()
+        # every rank records the whole global batch (a sample may be on another rank next epoch)
+        self.next[gather_batch(idx)] = gather_batch(log_p.detach().exp())
         per = -(target * log_p).sum(1)
         if self.p.form == "kl":
             per = per + (target * target.clamp_min(1e-12).log()).sum(1)

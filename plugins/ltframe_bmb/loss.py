@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ltframe.config import param
 from ltframe.engine.context import StepContext
+from ltframe.engine.dist import gather_batch
 from ltframe.errors import LtframeError
 from ltframe.registry import Registry
 from ltframe_bmb.memory import BalancedMemory
@@ -100,17 +101,19 @@ class BmbLoss:
         probs = ctx.logits(p.weak, p.head).detach().float().softmax(1)
         conf, pl = probs.max(1)
         kept = conf >= p.threshold
-        self.estimate.index_add_(0, pl, kept.float())
+        # the estimate and the memory see the global batch (identical on every rank)
+        g_pl, g_kept = gather_batch(pl), gather_batch(kept)
+        self.estimate.index_add_(0, g_pl, g_kept.float())
         est = self.class_estimate()
         w_u = adaptive_weights(est, p.power)[pl] * kept.float()
         strong = ctx.logits(p.strong, p.head).float()
         loss = loss + p.lambda_u * (w_u * F.cross_entropy(strong, pl, reduction="none")).mean()
-        feats = ctx.features(p.strong).detach().float()
+        feats = gather_batch(ctx.features(p.strong).detach().float())
         if self.memory is None:
             self.memory = BalancedMemory(p.size, feats.shape[1], self.num_classes, dev)
         self.memory.to(dev)
         gen = self._gen(ctx.step)
-        self.memory.enqueue(feats, pl, kept, p.beta_in, gen)
+        self.memory.enqueue(feats, g_pl, g_kept, p.beta_in, gen)
         m_feats, m_labels, m_valid = self.memory.get(p.get, est, p.beta_get, gen)
         m_logits = ctx.model.heads[p.head](m_feats).float()  # the auxiliary head, with grad
         per = F.cross_entropy(m_logits, m_labels.clamp_min(0), reduction="none")

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ltframe.data.views import Normalize, flip_pad_crop, resized_crop
 from ltframe.data.views import gray_expand as gray
 from ltframe.engine.context import StepContext
+from ltframe.engine.dist import gather_batch
 from ltframe.registry import Registry
 
 
@@ -91,7 +92,7 @@ class MocoLoss:
             neg = neg.masked_fill(same, float("-inf"))
         logits = torch.cat([pos, neg], 1) / self.p.temperature
         loss = F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
-        self._enqueue(k, labels)
+        self._enqueue(gather_batch(k), gather_batch(labels))  # every rank's keys (MoCo)
         return loss
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ltframe.config import param
 from ltframe.engine.context import PoolLabels, PoolPredictions, PseudoLabels, StepContext
+from ltframe.engine.dist import all_sum, world_size
 from ltframe.errors import LtframeError
 from ltframe.registry import Registry
 from ltframe_ssl.common import normalize
@@ -163,7 +164,8 @@ class Align(Threshold):
     def __call__(self, ctx: StepContext) -> PseudoLabels:
         probs = self.probs(ctx)
         self._on(probs.device)
-        batch_mean = probs.mean(0)
+        # the global batch's mean under torchrun (the same estimate on every rank)
+        batch_mean = all_sum(probs.sum(0)) / (probs.shape[0] * world_size())
         if self.p.p_model == "ema":
             self.ema = (batch_mean.clone() if self.ema is None
                         else self.ema * self.p.momentum + batch_mean * (1.0 - self.p.momentum))
