@@ -179,3 +179,30 @@ def test_resized_crop_is_identity_at_full_area_and_zooms_into_the_chosen_window(
     img[..., :4, :4] = 1.0
     out = resized_crop(img, corner, 0.25)
     assert out[..., :6, :6].min() == 1.0 and out.mean() > 0.9  # only the block's edge blends
+
+
+def test_file_store_prefetch_returns_the_same_batches(tmp_path):
+    from ltframe.data.bundle import ImageStore
+    from ltframe.data.samplers import BatchStream
+    from ltframe.registry import NoParams
+    from ltframe_classics.samplers import RandomSampler
+    from ltframe.data.sources import FileImages
+    from ltframe.testing import write_list_dataset
+
+    root = write_list_dataset(tmp_path, num_classes=3, per_class_train=5, size=12)
+    paths = [str(root / line.split()[0]) for line in (root / "train.txt").read_text().split("\n")
+             if line]
+    plain = ImageStore(FileImages(paths, 8), torch.device("cpu"), False, workers=0)
+    fast = ImageStore(FileImages(paths, 8), torch.device("cpu"), False, workers=2)
+    assert not plain.prefetches and fast.prefetches
+    stream = BatchStream(RandomSampler(NoParams(), torch.zeros(15, dtype=torch.long), 3, seed=0),
+                         torch.arange(15), 4)
+    for _ in range(6):  # crosses an epoch boundary
+        ahead = stream.peek()
+        idx = stream.next()
+        assert torch.equal(ahead, idx)
+        fast.prefetch(stream.peek())
+        assert torch.equal(fast.get(idx), plain.get(idx))
+    assert len(fast._pending) == 1  # the next batch is being decoded
+    nxt = stream.next()
+    assert torch.equal(fast.get(nxt), plain.get(nxt)) and not fast._pending

@@ -6,7 +6,7 @@ diagnostics only: the engine never hands them to a component.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,10 @@ class ImageStore:
 
     def __init__(self, images: Images, device: torch.device, on_device: bool, workers: int = 4):
         self.files = images if isinstance(images, FileImages) else None
-        self.pool = ThreadPoolExecutor(max(1, workers)) if self.files else None
+        # file-backed images: `workers` decoding threads (PIL releases the GIL while decoding
+        # and resizing); 0 = decode in the calling thread
+        self.pool = ThreadPoolExecutor(workers) if self.files and workers > 0 else None
+        self._pending: dict[bytes, list[Future]] = {}  # prefetched batches by index
         self.device = device
         if self.files is None:
             assert isinstance(images, Tensor)
@@ -35,10 +38,33 @@ class ImageStore:
     def __len__(self) -> int:
         return len(self.files) if self.files is not None else self.images.shape[0]
 
+    @property
+    def prefetches(self) -> bool:
+        return self.pool is not None
+
+    def prefetch(self, idx: Tensor) -> None:
+        """Start decoding the batch `idx` in the background (file-backed images with workers);
+        the next `get(idx)` collects it, so decoding overlaps the current step."""
+        if self.pool is None or self.files is None or idx.numel() == 0:
+            return
+        key = idx.numpy().tobytes()
+        if key not in self._pending:
+            if len(self._pending) > 8:  # never collected (e.g. a stream was replaced)
+                self._pending.clear()
+            self._pending[key] = [self.pool.submit(self.files.load, i) for i in idx.tolist()]
+
     def get(self, idx: Tensor) -> Tensor:
         if self.files is not None:
-            assert self.pool is not None
-            batch = torch.stack(list(self.pool.map(self.files.load, idx.tolist())))
+            jobs = self._pending.pop(idx.numpy().tobytes(), None)
+            if jobs is not None:
+                images = [j.result() for j in jobs]
+            elif self.pool is not None:
+                images = list(self.pool.map(self.files.load, idx.tolist()))
+            else:
+                images = [self.files.load(i) for i in idx.tolist()]
+            batch = torch.stack(images)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory()
             return batch.to(self.device, non_blocking=True)
         if self.images.device == self.device:
             return self.images[idx.to(self.device, non_blocking=True)]

@@ -102,6 +102,14 @@ class BatchStream:
                 break
         return self.index_map[torch.cat(parts)]
 
+    def peek(self) -> Tensor:
+        """The batch `next()` will return, without moving the stream (for prefetching)."""
+        saved = (self.epoch, self.pos, self._order)
+        try:
+            return self.next()
+        finally:
+            self.epoch, self.pos, self._order = saved
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
 

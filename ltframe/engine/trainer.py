@@ -224,9 +224,12 @@ class Trainer:
         labels, weight, soft_pos, soft = self.table.on(self.device)
         out: dict[str, Any] = {"targets": None, "weights": None, "soft_targets": None,
                                "indices": {}}
+        store = self.data.train
         for split, stream in st.streams.items():
             idx = stream.next()
-            x = self.data.train.get(idx)
+            x = store.get(idx)
+            if store.prefetches:  # file-backed: decode the next batch while this step runs
+                store.prefetch(stream.peek())
             idx_d = idx.to(self.device, non_blocking=True)
             out["indices"][split] = idx_d
             if split == "labeled":  # targets from the run's table, never the source's labels

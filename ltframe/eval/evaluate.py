@@ -20,6 +20,8 @@ def _batched(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batc
     outs = []
     try:
         for start in range(0, index.numel(), batch_size):
+            if store.prefetches:  # file-backed: decode the next batch meanwhile
+                store.prefetch(index[start + batch_size:start + 2 * batch_size])
             x = view(store.get(index[start:start + batch_size]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
