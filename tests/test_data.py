@@ -184,10 +184,10 @@ def test_resized_crop_is_identity_at_full_area_and_zooms_into_the_chosen_window(
 def test_file_store_prefetch_returns_the_same_batches(tmp_path):
     from ltframe.data.bundle import ImageStore
     from ltframe.data.samplers import BatchStream
-    from ltframe.registry import NoParams
-    from ltframe_classics.samplers import RandomSampler
     from ltframe.data.sources import FileImages
+    from ltframe.registry import NoParams
     from ltframe.testing import write_list_dataset
+    from ltframe_classics.samplers import RandomSampler
 
     root = write_list_dataset(tmp_path, num_classes=3, per_class_train=5, size=12)
     paths = [str(root / line.split()[0]) for line in (root / "train.txt").read_text().split("\n")

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 
 from ltframe.config import param
+from ltframe.errors import RecipeError
 from ltframe.registry import Registry
 
 WarmupBy = Literal["step", "epoch"]
@@ -27,6 +28,8 @@ class SGDParams:
     momentum: float = param(0.9, ge=0)
     nesterov: bool = False
     weight_decay: float = param(5e-4, ge=0)
+    # auto: the fused kernel when every parameter is on CUDA, else PyTorch's default (foreach)
+    impl: Literal["auto", "foreach", "fused", "loop"] = "auto"
 
 
 @dataclass
@@ -35,24 +38,40 @@ class AdamParams:
     betas: tuple[float, float] = param((0.9, 0.999), ge=0, lt=1)
     weight_decay: float = param(0.0, ge=0)
     eps: float = param(1e-8, ge=0)
+    impl: Literal["auto", "foreach", "fused", "loop"] = "auto"  # as SGDParams.impl
+
+
+def _impl(impl: str, params: list) -> dict[str, bool]:
+    """Optimizer kernel keywords: fused (one kernel for all parameters, CUDA), foreach
+    (batched tensor ops) or a per-parameter loop."""
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    if impl == "auto":
+        impl = "fused" if tensors and all(t.is_cuda for t in tensors) else "default"
+    if impl == "fused" and not all(t.is_cuda for t in tensors):
+        raise RecipeError("optim.impl = \"fused\" needs every parameter on CUDA; use \"auto\"")
+    return {"fused": {"fused": True}, "foreach": {"foreach": True},
+            "loop": {"foreach": False}}.get(impl, {})
 
 
 def sgd(p: SGDParams, params) -> torch.optim.Optimizer:
     """SGD with (optionally Nesterov) momentum."""
+    params = list(params)
     return torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, nesterov=p.nesterov,
-                           weight_decay=p.weight_decay)
+                           weight_decay=p.weight_decay, **_impl(p.impl, params))
 
 
 def adam(p: AdamParams, params) -> torch.optim.Optimizer:
     """Adam (L2 weight decay)."""
+    params = list(params)
     return torch.optim.Adam(params, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
-                            eps=p.eps)
+                            eps=p.eps, **_impl(p.impl, params))
 
 
 def adamw(p: AdamParams, params) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay)."""
+    params = list(params)
     return torch.optim.AdamW(params, lr=p.lr, betas=p.betas, weight_decay=p.weight_decay,
-                             eps=p.eps)
+                             eps=p.eps, **_impl(p.impl, params))
 
 
 def _warmup(epochs: float, steps_per_epoch: int, inner: Callable[[int], float],

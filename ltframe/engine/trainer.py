@@ -332,22 +332,30 @@ class Trainer:
             transform=transform,
             teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
-            ddp=self._ddp() if params and total > 0 else None,
+            ddp=self._train_forward() if params and total > 0 else None,
         )
         if resume is not None:
             self._restore_stage(st, *resume)
         return st
 
-    def _ddp(self) -> torch.nn.Module | None:
-        """The model wrapped in DistributedDataParallel (gradients averaged over ranks) for a
-        multi-process stage; built per stage, since the trainable parameters change."""
-        if self.dist.world_size == 1:
-            return None
-        from torch.nn.parallel import DistributedDataParallel
+    def _train_forward(self) -> torch.nn.Module | None:
+        """The training forward of a stage when it is not the plain model: wrapped in
+        DistributedDataParallel (gradients averaged over ranks) under torchrun, and/or
+        torch.compile'd (`run.compile`). Built per stage: the trainable parameters change.
+        The model itself (checkpoints, EMA, evaluation) stays the eager module."""
+        fwd: torch.nn.Module | None = None
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.device.index] if self.cuda else None
-        # heads outside a stage's losses (e.g. a rotation head) get no gradient
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            ids = [self.device.index] if self.cuda else None
+            # heads outside a stage's losses (e.g. a rotation head) get no gradient
+            fwd = DistributedDataParallel(self.model, device_ids=ids,
+                                          find_unused_parameters=True)
+        mode = self.recipe.run.compile
+        if mode != "off":
+            fwd = torch.compile(self.model if fwd is None else fwd,
+                                mode=None if mode == "default" else mode)
+        return fwd
 
     def _restore_stage(self, st: Stage, tensors: dict[str, Tensor], meta: dict) -> None:
         st.start = st.acc.last_good = int(meta["step"])
@@ -391,7 +399,8 @@ class Trainer:
         if st.transform is not None:
             x_all = self._transformed(st, ctx, sizes, aliases, x_all)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            feats, logits = (st.ddp or self.model)(x_all)
+            fwd = self.model if st.ddp is None else st.ddp  # DDP and/or compiled when set
+            feats, logits = fwd(x_all)
         logits = {k: v.float() for k, v in logits.items()}
         f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
         for alias, part in aliases.items():
