@@ -10,6 +10,11 @@ Workloads (synthetic CIFAR-sized data by default, `--root` for the real CIFAR-10
   (y) plain_torch the yardstick for (b): the same ResNet-32 and batch size in a plain PyTorch loop
                   (batch already on the device, no augmentation, no EMA, no logging).
 
+`eval %` is one evaluation's share of wall time when evaluating once per protocol period (97
+steps = one CIFAR-10-LT epoch at batch 128; FixMatch 1024; BMB 500). `--profile` adds each step
+range's share (torch.profiler: data + augmentation, forward, losses, backward, optimizer, EMA);
+`--sync-check` (CUDA) counts host synchronisations in the steady state.
+
 For (a)-(c) it runs `ltframe run` in-process on a temporary directory and times the steps with a
 hook: the first `--warmup` steps (setup excluded; cudnn autotune, torch.compile, first-touch
 allocation) are reported apart as warm-up, the next `--steps` as the steady state. On CUDA the
@@ -99,13 +104,59 @@ def _recipe(workload: str, steps: int, root: str | None, device: str, out: Path)
     return {"run": run, "data": data, "model": model, "optim": optim, "stage": [stage]}
 
 
-class _Clock:
-    """Wall-clock marks at the end of the warm-up and of the last step (synchronised there)."""
+#: steps between evaluations in the papers' protocols: one CIFAR-10-LT epoch at batch 128 (the
+#: supervised recipes), FixMatch / CReST's 1024-step "epoch", BMB's 500-step epoch
+EVAL_PERIOD = {"supervised": 97, "fixmatch": 1024, "bmb": 500}
+SPANS = ("ltframe.data", "ltframe.forward", "ltframe.losses", "ltframe.backward",
+         "ltframe.optimizer", "ltframe.ema")
 
-    def __init__(self, warmup: int, total: int, device: str) -> None:
+
+class _Clock:
+    """Wall-clock marks at the end of the warm-up and of the last step (synchronised there);
+    optionally a torch.profiler over the steady state and CUDA's sync debug mode."""
+
+    def __init__(self, warmup: int, total: int, device: str, profile: bool = False,
+                 sync_check: bool = False) -> None:
         self.warmup, self.total, self.device = warmup, total, device
         self.marks: dict[str, float] = {}
         self.images = 0
+        self.profile, self.sync_check = profile, sync_check
+        self.prof: Any = None
+        self.sync_warnings = 0
+        self._caught: Any = None
+
+    def _start_window(self) -> None:
+        if self.profile:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.startswith("cuda"):
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        if self.sync_check and self.device.startswith("cuda"):
+            import warnings
+
+            self._caught = warnings.catch_warnings(record=True)
+            self._log = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def _end_window(self) -> None:
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.sync_warnings = sum("synchroniz" in str(w.message) for w in self._log)
+            self._caught.__exit__(None, None, None)
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
+
+    def shares(self) -> dict[str, float]:
+        """Each step range's share of the steady state (device time on CUDA, else CPU)."""
+        if self.prof is None:
+            return {}
+        cuda = self.device.startswith("cuda")
+        got = {e.key: (e.device_time_total if cuda else e.cpu_time_total)
+               for e in self.prof.key_averages() if e.key in SPANS}
+        total = (self.marks["end"] - self.marks["warm"]) * 1e6  # microseconds
+        return {k.split(".")[1]: round(100 * v / total, 2) for k, v in got.items()}
 
     @hookimpl
     def ltframe_stage_start(self, run: Any, stage: Any) -> None:
@@ -117,16 +168,18 @@ class _Clock:
         if step + 1 == self.warmup:
             _sync(self.device)
             self.marks["warm"] = time.perf_counter()
+            self._start_window()
         elif step + 1 > self.warmup:
             parts = {id(f): int(f.shape[0]) for f in ctx.features_by_part.values()}
             self.images += sum(parts.values())  # every image forwarded (aliases once)
         if step + 1 == self.total:
             _sync(self.device)
             self.marks["end"] = time.perf_counter()
+            self._end_window()
 
 
-def run_workload(workload: str, steps: int, warmup: int, root: str | None,
-                 device: str) -> dict[str, Any]:
+def run_workload(workload: str, steps: int, warmup: int, root: str | None, device: str,
+                 profile: bool = False, sync_check: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         total = warmup + steps
@@ -135,15 +188,39 @@ def run_workload(workload: str, steps: int, warmup: int, root: str | None,
         path.write_text(dumps(raw))
         if workload == "crest_pass":
             return _crest_pass(path, device)
-        clock = _Clock(warmup, total, device)
-        t0 = time.perf_counter()
-        start_run(path, plugins=[("clock", clock)], reporter=None)
-        wall = time.perf_counter() - t0
+        clock = _Clock(warmup, total, device, profile, sync_check)
+        evals: list[float] = []
+        inner = trainer_mod.Trainer.evaluate
+
+        def timed_eval(self: Any, model: Any, head: str = "") -> dict:
+            _sync(device)
+            t = time.perf_counter()
+            out = inner(self, model, head)
+            _sync(device)
+            evals.append(time.perf_counter() - t)
+            return out
+
+        trainer_mod.Trainer.evaluate = timed_eval  # type: ignore[method-assign]
+        trainer_mod.PROFILE_SPANS = profile
+        try:
+            t0 = time.perf_counter()
+            start_run(path, plugins=[("clock", clock)], reporter=None)
+            wall = time.perf_counter() - t0
+        finally:
+            trainer_mod.Trainer.evaluate = inner  # type: ignore[method-assign]
+            trainer_mod.PROFILE_SPANS = False
         m = clock.marks
         steady = m["end"] - m["warm"]
-        return {"workload": workload, "steps": steps, "steps_per_s": steps / steady,
-                "images_per_s": clock.images / steady, "warmup_s": m["warm"] - m["start"],
-                "setup_s": m["start"] - t0, "wall_s": wall}
+        period = EVAL_PERIOD[workload] * steady / steps  # seconds of training per evaluation
+        row = {"workload": workload, "steps": steps, "steps_per_s": steps / steady,
+               "images_per_s": clock.images / steady, "warmup_s": m["warm"] - m["start"],
+               "setup_s": m["start"] - t0, "wall_s": wall, "eval_s": evals[-1],
+               "eval_share": round(100 * evals[-1] / (evals[-1] + period), 2)}
+        if profile:
+            row["step_share"] = clock.shares()
+        if sync_check and device.startswith("cuda"):
+            row["sync_warnings"] = clock.sync_warnings
+        return row
 
 
 def _crest_pass(path: Path, device: str) -> dict[str, Any]:
@@ -204,7 +281,8 @@ def plain_torch(steps: int, warmup: int, device: str, batch: int = 128) -> dict[
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'workload':<12} {'steps/s':>9} {'images/s':>10} {'warm-up s':>10} {'setup s':>8}"
+    head = (f"{'workload':<12} {'steps/s':>9} {'images/s':>10} {'warm-up s':>10} {'setup s':>8} "
+            f"{'eval %':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["workload"] == "crest_pass":
@@ -212,7 +290,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"{'':>10} {'':>8}  (pool {r['pool']}, {r['pass_s']:.2f} s)")
             continue
         lines.append(f"{r['workload']:<12} {r['steps_per_s']:>9.2f} {r['images_per_s']:>10.1f} "
-                     f"{r['warmup_s']:>10.2f} {r['setup_s']:>8.2f}")
+                     f"{r['warmup_s']:>10.2f} {r['setup_s']:>8.2f} {r.get('eval_share', 0):>7.2f}"
+                     + (f"  steps: {r['step_share']}" if r.get("step_share") else "")
+                     + (f"  syncs: {r['sync_warnings']}" if "sync_warnings" in r else ""))
     by = {r["workload"]: r for r in rows}
     if "supervised" in by and "plain_torch" in by:
         ratio = by["supervised"]["steps_per_s"] / by["plain_torch"]["steps_per_s"]
@@ -228,6 +308,11 @@ def main() -> None:
     ap.add_argument("--root", default=None, help="a CIFAR-10 export instead of synthetic data")
     ap.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--profile", action="store_true",
+                    help="share of each step range (data, forward, losses, backward, optimizer, "
+                         "ema) from torch.profiler over the steady state")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="CUDA: count host synchronisations in the steady state")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     steps = args.steps or (300 if gpu else 20)
@@ -237,7 +322,8 @@ def main() -> None:
         if w not in WORKLOADS:
             raise SystemExit(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
         r = (plain_torch(steps, warmup, args.device) if w == "plain_torch" else
-             run_workload(w, steps, warmup, args.root, args.device))
+             run_workload(w, steps, warmup, args.root, args.device, args.profile,
+                          args.sync_check))
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(f"device: {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")

@@ -8,6 +8,7 @@ and are synced only every `run.log_every` steps and at epoch ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -383,7 +384,8 @@ class Trainer:
         factor = st.schedule(step)
         for g, lr0 in zip(st.optimizer.param_groups, st.base_lrs, strict=True):
             g["lr"] = lr0 * factor
-        x_all, sizes, aliases, got = self._gather_inputs(st)
+        with _span("ltframe.data"):  # indices, images, targets, augmentation
+            x_all, sizes, aliases, got = self._gather_inputs(st)
         x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
         for alias, part in aliases.items():
             x_parts[alias] = x_parts[part]
@@ -398,7 +400,8 @@ class Trainer:
                                                                      self.autocast))
         if st.transform is not None:
             x_all = self._transformed(st, ctx, sizes, aliases, x_all)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with _span("ltframe.forward"), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                      enabled=self.autocast):
             fwd = self.model if st.ddp is None else st.ddp  # DDP and/or compiled when set
             feats, logits = fwd(x_all)
         logits = {k: v.float() for k, v in logits.items()}
@@ -406,24 +409,28 @@ class Trainer:
         for alias, part in aliases.items():
             f_parts[alias], l_parts[alias] = f_parts[part], l_parts[part]
         ctx.features_by_part, ctx.logits_by_part = f_parts, l_parts
-        if st.labeler is not None:
-            ctx.pseudo = st.labeler(ctx)
-            if "unlabeled" in ctx.indices_by_part:
-                st.acc.count_pseudo(ctx.pseudo, self.hidden[ctx.indices_by_part["unlabeled"]])
-        loss = st.acc.zero
-        for name, weight, start, term in st.losses:
-            if ctx.step < start:  # the term's warm-up: not computed, logged as 0
-                ctx.losses[name] = st.acc.zero
-                continue
-            value = term(ctx)
-            ctx.losses[name] = value
-            loss = loss + weight * value
-        ctx.losses["total"] = loss
-        st.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        st.optimizer.step()
+        with _span("ltframe.losses"):  # pseudo-labels and loss terms
+            if st.labeler is not None:
+                ctx.pseudo = st.labeler(ctx)
+                if "unlabeled" in ctx.indices_by_part:
+                    st.acc.count_pseudo(ctx.pseudo, self.hidden[ctx.indices_by_part["unlabeled"]])
+            loss = st.acc.zero
+            for name, weight, start, term in st.losses:
+                if ctx.step < start:  # the term's warm-up: not computed, logged as 0
+                    ctx.losses[name] = st.acc.zero
+                    continue
+                value = term(ctx)
+                ctx.losses[name] = value
+                loss = loss + weight * value
+            ctx.losses["total"] = loss
+        with _span("ltframe.backward"):
+            st.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with _span("ltframe.optimizer"):
+            st.optimizer.step()
         if st.ema is not None:
-            st.ema.update()
+            with _span("ltframe.ema"):
+                st.ema.update()
         st.acc.add(ctx.losses, x_all.shape[0])
         return ctx
 
@@ -631,6 +638,15 @@ class Trainer:
         if any(k.startswith("targets.") for k in tensors):
             self.table.load_state_dict({k[8:]: v for k, v in tensors.items()
                                         if k.startswith("targets.")})
+
+
+#: named step ranges for torch.profiler (benchmarks/speed.py --profile sets it)
+PROFILE_SPANS = False
+
+
+def _span(name: str) -> Any:
+    """`torch.profiler.record_function(name)` when PROFILE_SPANS, else a no-op context."""
+    return torch.profiler.record_function(name) if PROFILE_SPANS else contextlib.nullcontext()
 
 
 def _sharded(fn: Any, index: Tensor) -> Tensor:
