@@ -49,11 +49,11 @@ def select_top(probs: Tensor, rates: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     conf, pred = probs.max(1)
     c = probs.shape[1]
     n_pred = torch.bincount(pred, minlength=c)
-    keep = torch.floor(n_pred.double() * rates).long()
+    keep = torch.floor(n_pred.double() * rates.to(probs.device)).long()
     by_conf = torch.sort(conf, descending=True, stable=True).indices
     order = by_conf[torch.sort(pred[by_conf], stable=True).indices]  # class, then confidence
     starts = torch.cumsum(n_pred, 0) - n_pred
-    rank_in_class = torch.arange(order.numel()) - starts[pred[order]]
+    rank_in_class = torch.arange(order.numel(), device=probs.device) - starts[pred[order]]
     chosen = order[rank_in_class < keep[pred[order]]]
     return chosen, pred[chosen], conf[chosen]
 
