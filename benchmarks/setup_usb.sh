@@ -14,5 +14,6 @@ python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --no-deps semilearn==0.3.2
 # semilearn's run-time imports (its own pins are older than this Python allows)
 "$VENV/bin/python" -m pip install --quiet numpy scipy scikit-learn scikit-image pyyaml tqdm \
-    tensorboard pillow transformers sentencepiece timm progress ruamel.yaml
+    tensorboard pillow transformers sentencepiece timm progress ruamel.yaml ruamel.yaml.clib \
+    matplotlib wandb aim
 "$VENV/bin/python" -c "import semilearn, torch, torchaudio; print('semilearn', semilearn.__version__ if hasattr(semilearn, '__version__') else '0.3.2', 'torch', torch.__version__)"

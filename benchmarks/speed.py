@@ -5,6 +5,7 @@ Workloads (synthetic CIFAR-sized data by default, `--root` for the real CIFAR-10
   (a) fixmatch    FixMatch, WRN-28-2, 64 labeled + 448 unlabeled (mu = 7), weak + strong views,
                   EMA 0.999, SGD (USB's / CReST's step);
   (b) supervised  CE, ResNet-32, CIFAR-10-LT (ratio 100), batch 128, pad-crop-flip view;
+      supervised_wrn  the same with WRN-28-2 (USB's supervised counterpart; USB has no ResNet-32);
   (c) bmb         BMB's step: FixMatch base + auxiliary head + `bmb` memory loss, 64 + 64, Adam;
   (d) crest_pass  one CReST labelling pass (`crest_select`) over the unlabeled pool with WRN-28-2;
   (y) plain_torch the yardstick for (b): the same ResNet-32 and batch size in a plain PyTorch loop
@@ -47,7 +48,7 @@ from ltframe.plugins import make_plugin_manager
 from ltframe.recipe import build_recipe
 from ltframe.tomlw import dumps
 
-WORKLOADS = ("fixmatch", "supervised", "bmb", "crest_pass", "plain_torch")
+WORKLOADS = ("fixmatch", "supervised", "supervised_wrn", "bmb", "crest_pass", "plain_torch")
 
 
 def _sync(device: str) -> None:
@@ -78,9 +79,10 @@ def _recipe(workload: str, steps: int, root: str | None, device: str, out: Path)
     sgd = {"name": "sgd", "lr": 0.03, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
            "schedule": {"name": "cosine"}}
     model: dict[str, Any] = {"backbone": "wrn28_2", "heads": {"main": {"name": "linear"}}}
-    if workload == "supervised":
+    if workload in ("supervised", "supervised_wrn"):
         data = {**_data(root, split=False), "batch_size": 128}
-        model = {"backbone": "resnet32_cifar", "heads": {"main": {"name": "linear"}}}
+        if workload == "supervised":
+            model = {"backbone": "resnet32_cifar", "heads": {"main": {"name": "linear"}}}
         stage.update(views={"labeled": ["weak"]}, loss=[{"name": "ce"}])
         optim = {**sgd, "lr": 0.1, "nesterov": False}
     elif workload == "fixmatch":
@@ -106,7 +108,7 @@ def _recipe(workload: str, steps: int, root: str | None, device: str, out: Path)
 
 #: steps between evaluations in the papers' protocols: one CIFAR-10-LT epoch at batch 128 (the
 #: supervised recipes), FixMatch / CReST's 1024-step "epoch", BMB's 500-step epoch
-EVAL_PERIOD = {"supervised": 97, "fixmatch": 1024, "bmb": 500}
+EVAL_PERIOD = {"supervised": 97, "supervised_wrn": 97, "fixmatch": 1024, "bmb": 500}
 SPANS = ("ltframe.data", "ltframe.forward", "ltframe.losses", "ltframe.backward",
          "ltframe.optimizer", "ltframe.ema")
 
@@ -300,6 +302,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def usb_table(rows: list[dict[str, Any]], usb: list[dict[str, Any]]) -> str:
+    """ltframe against USB on the workloads both have (same machine, same split sizes)."""
+    ours = {r["workload"]: r for r in rows}
+    lines = [f"{'workload':<15} {'ltframe steps/s':>16} {'USB steps/s':>12} {'ltframe/USB':>12}"]
+    for u in usb:
+        r = ours.get(u["workload"])
+        if r is None:
+            continue
+        lines.append(f"{u['workload']:<15} {r['steps_per_s']:>16.3f} {u['steps_per_s']:>12.3f} "
+                     f"{r['steps_per_s'] / u['steps_per_s']:>12.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=0, help="steady-state steps (0: 20 CPU, 300 GPU)")
@@ -311,6 +326,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="share of each step range (data, forward, losses, backward, optimizer, "
                          "ema) from torch.profiler over the steady state")
+    ap.add_argument("--usb", default=None,
+                    help="rows from benchmarks/usb_speed.py (JSON) for the ltframe/USB ratios")
     ap.add_argument("--sync-check", action="store_true",
                     help="CUDA: count host synchronisations in the steady state")
     args = ap.parse_args()
@@ -328,6 +345,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     print(f"device: {args.device} ({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(table(rows))
+    if args.usb:
+        print(usb_table(rows, json.loads(Path(args.usb).read_text())))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
