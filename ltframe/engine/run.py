@@ -161,7 +161,8 @@ def _guarded(run_dir: Path, body: Callable[[], dict]) -> dict:
     except (LtframeError, KeyboardInterrupt):
         raise
     except Exception as exc:
-        log = run_dir / "error.log"
+        rank = dist.info().rank  # under torchrun each rank keeps its own traceback
+        log = run_dir / ("error.log" if rank == 0 else f"error.rank{rank}.log")
         with open(log, "a") as fh:
             fh.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}")
         exc.ltframe_log = log  # type: ignore[attr-defined]
