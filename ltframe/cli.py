@@ -277,6 +277,33 @@ def resume(run_dir: str, overrides: tuple[str, ...], from_checkpoint: str | None
     _finish(summary, time.perf_counter() - t0)
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--stages", is_flag=True, help="One row per stage of each run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+def compare(run_dirs: tuple[str, ...], stages: bool, as_json: bool) -> None:
+    """Finished runs side by side: overall / many / medium / few top-1 (balanced test set)."""
+    import json
+
+    from ltframe.compare import compare_rows
+
+    rows = compare_rows(list(run_dirs), stages)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="balanced test set, top-1 %")
+    cols = ["run", *(["stage", "head"] if stages else []), "report", "overall", "many",
+            "medium", "few", "last"]
+    for c in cols:
+        table.add_column(c, no_wrap=True,
+                         justify="left" if c in ("run", "stage", "head", "report") else "right")
+    for r in rows:
+        names = [r["run"], *([r["stage"], str(r.get("eval_head") or "")] if stages else [])]
+        table.add_row(*names, r["protocol"], *(_fmt(r[m]) for m in ("top1", "many", "medium",
+                                                                     "few")), _fmt(r["last_top1"]))
+    out.print(table)
+
+
 @main.command(name="eval")
 @click.argument("target", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

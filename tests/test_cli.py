@@ -345,3 +345,25 @@ def test_block_of_a_plugin_that_is_not_installed_is_a_one_line_error(tmp_path, c
 def test_block_of_an_installed_plugin_still_works():
     res = invoke("components", "sampler", "--block", "classics")
     assert res.exit_code == 0 and "class_balanced" not in res.output
+
+
+def test_compare_prints_the_runs_side_by_side(tmp_path):
+    assert invoke("run", tiny_recipe(tmp_path), "--quiet", "--out", tmp_path / "o").exit_code == 0
+    a = json.loads((tmp_path / "o" / "tiny" / "summary.json").read_text())
+    res = invoke("run", tiny_recipe(tmp_path, run={"name": "other", "seed": 1}), "--quiet",
+                 "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    b = json.loads((tmp_path / "o" / "other" / "summary.json").read_text())
+    res = invoke("compare", tmp_path / "o" / "tiny", tmp_path / "o" / "other")
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[1]: line for line in res.output.splitlines()
+             if line.strip().startswith("│") and ("tiny" in line or "other" in line)}
+    for name, s in (("tiny", a), ("other", b)):
+        for m in ("top1", "many", "medium", "few"):
+            cell = "-" if s[m] is None else f"{s[m]:.2f}"
+            assert f" {cell} " in lines[name], (name, m)
+    rows = json.loads(invoke("compare", tmp_path / "o" / "tiny", "--stages", "--json").output)
+    assert [r["stage"] for r in rows] == [st["stage"] for st in a["stages"]]
+    assert rows[0]["top1"] == pytest.approx(a["stages"][0]["top1"])
+    res = CliRunner().invoke(main, ["compare", str(tmp_path / "missing")])
+    assert res.exit_code != 0 and "no such run directory" in res.output
