@@ -304,6 +304,30 @@ def compare(run_dirs: tuple[str, ...], stages: bool, as_json: bool) -> None:
     out.print(table)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", "-k", default=5, show_default=True, help="Classes shown per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(run_dir: str, images: tuple[str, ...], top_k: int, as_json: bool) -> None:
+    """Classify IMAGES (files or folders) with the finished run RUN_DIR: its evaluation head
+    and the post-hoc adjustment it was evaluated with."""
+    import json
+
+    from ltframe.predict import predict_files
+
+    rows = predict_files(run_dir, list(images), top_k)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"top-{min(top_k, len(rows[0]['top']))} predictions")
+    table.add_column("image", overflow="fold")
+    table.add_column("classes (probability)")
+    for r in rows:
+        table.add_row(r["file"], ", ".join(f"{t['class']} ({t['prob']:.3f})" for t in r["top"]))
+    out.print(table)
+
+
 @main.command(name="eval")
 @click.argument("target", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ltframe.cli import main
@@ -367,3 +368,46 @@ def test_compare_prints_the_runs_side_by_side(tmp_path):
     assert rows[0]["top1"] == pytest.approx(a["stages"][0]["top1"])
     res = CliRunner().invoke(main, ["compare", str(tmp_path / "missing")])
     assert res.exit_code != 0 and "no such run directory" in res.output
+
+
+def test_predict_uses_the_eval_head_and_posthoc_adjustment(tmp_path):
+    from PIL import Image
+
+    from ltframe.engine import checkpoint as ckpt
+    from ltframe.engine.setup import build_model
+    from ltframe.plugins import make_plugin_manager
+    from ltframe.recipe import load_recipe
+
+    recipe = tiny_recipe(tmp_path, eval={"posthoc_tau": 1.0})
+    assert invoke("run", recipe, "--quiet", "--out", tmp_path / "o").exit_code == 0
+    run_dir = tmp_path / "o" / "tiny"
+    _, reg = make_plugin_manager()
+    rec = load_recipe(recipe, reg)
+    src = reg.build(rec.data.source, seed=0)
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    for i in range(5):
+        arr = src.test_images[i * 5].permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(tmp_path / "img" / ("sub" if i % 2 else "") / f"{i}.png")
+    res = invoke("predict", run_dir, tmp_path / "img", "--json", "-k", "2")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert len(rows) == 5 and all(len(r["top"]) == 2 for r in rows)
+    # independently: final weights, the eval head, logits - tau * log(prior of the last stage)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tensors, _, _ = ckpt.load(run_dir)
+    model = build_model(rec, reg, 4)
+    ckpt.load_module_state(model, tensors, "model", "t")
+    model.eval()
+    mean, std = torch.tensor(src.mean)[:, None, None], torch.tensor(src.std)[:, None, None]
+    prior = torch.tensor(summary["stages"][-1]["train_counts"], dtype=torch.float64)
+    for r in rows:
+        i = int(Path(r["file"]).stem)
+        x = ((src.test_images[i * 5].float() / 255 - mean) / std)[None]
+        with torch.no_grad():
+            logits = model(x)[1][summary["stages"][-1]["eval_head"]].double()
+        probs = (logits - (prior / prior.sum()).log()).softmax(1)[0]
+        assert r["top"][0]["index"] == int(probs.argmax())
+        assert r["top"][0]["prob"] == pytest.approx(float(probs.max()), abs=1e-4)
+        assert r["top"][0]["class"] == summary["classes"][r["top"][0]["index"]]
+    res = CliRunner().invoke(main, ["predict", str(run_dir), str(tmp_path / "nothing")])
+    assert res.exit_code != 0 and "no such file or folder" in res.output

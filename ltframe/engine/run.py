@@ -30,6 +30,7 @@ from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterr
 from ltframe.eval.metrics import group_classes
 from ltframe.models import LTModel
 from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
+from ltframe.predict import source_info
 from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
 from ltframe.registry import Registry
 
@@ -147,7 +148,8 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
                         {"smoke": smoke, "blocked": sorted(block or []),
                          "recipe": str(recipe_path) if recipe_path else None,
                          "overrides": list(overrides or []),
-                         "world_size": run.world_size})
+                         "world_size": run.world_size,
+                         "source_info": source_info(run)})  # for `ltframe predict`
         save_splits(run.data, run_dir)
     dist.barrier()
     return _guarded(run_dir, lambda: _execute(run, reporter, None))
