@@ -85,3 +85,14 @@ def ltframe_evaluate(run: Any, model: Any, logits: Any, labels: Any) -> dict | N
     Return a dict of extra metrics (merged into the evaluation result) or None.
     Not firstresult: every plugin's dict is merged.
     """
+
+
+# --- logging -------------------------------------------------------------------------------
+@hookspec
+def ltframe_log(run: Any, event: str, data: dict) -> None:
+    """Called for every record written to RUN/metrics.jsonl (rank 0 only): `event` is "train"
+    (loss terms, lr, images/s at `run.log_every`), "eval", "stage_start", "stage_end",
+    "pseudo_labels", "pool_labels", "fit", "error", ...; `data` the record's other fields.
+
+    The hook for experiment trackers (TensorBoard, W&B, MLflow): see the `logger` kind.
+    """

@@ -38,6 +38,8 @@ class RunCfg:
     log_every: int = param(50, ge=1)  # steps between logged (synced) loss values
     checkpoint_every: int = param(0, ge=0)  # steps between checkpoints; 0 = at the end of every epoch
     channels_last: bool = True  # on CUDA
+    # experiment trackers fed by the event hooks, e.g. [{ name = "tensorboard" }] (`logger` kind)
+    loggers: list[ComponentSpec] = _c("logger", factory=list)
     # torch.compile of the training forward (model and losses stay eager); "off" = eager
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
 

@@ -30,6 +30,9 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "view": ("a callable(uint8 batch, generator) -> normalised float batch", ("mean", "std")),
     "optimizer": ("a torch.optim.Optimizer", ("params",)),
     "lr_schedule": ("a callable(step) -> lr factor", ("steps_per_epoch", "total_steps")),
+    "logger": ("an object with event hookimpls (ltframe_run_start gives the run directory, "
+               "ltframe_log every record) sending a run's records to a tracker; rank 0 only",
+               ()),
 }
 
 

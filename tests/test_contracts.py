@@ -290,3 +290,30 @@ def test_source_contract(entry, tmp_path):
     assert src.train_labels.dtype == torch.long and len(src.train_images) == src.train_labels.numel()
     assert src.test_labels.numel() == len(src.test_images) > 0
     assert int(src.train_labels.max()) < src.num_classes and len(src.mean) == len(src.std) == 3
+
+
+@pytest.mark.parametrize("entry", entries("logger"))
+def test_logger_contract(entry, tmp_path):
+    """A logger builds from its defaults, implements event hooks, takes every kind of record
+    after ltframe_run_start and writes under the run directory only."""
+    from types import SimpleNamespace
+
+    logger = REGISTRY.build(REGISTRY.spec("logger", {"name": entry.name}, "run.loggers[0]"))
+    hooks = [n for n in dir(type(logger)) if n.startswith("ltframe_")
+             and hasattr(getattr(type(logger), n), "ltframe_impl")]
+    assert "ltframe_log" in hooks
+    run = SimpleNamespace(run_dir=tmp_path / "run", is_main=True)
+    run.run_dir.mkdir()
+    if "ltframe_run_start" in hooks:
+        logger.ltframe_run_start(run=run)
+    records = [("stage_start", {"stage": "s", "total_steps": 4}),
+               ("train", {"stage": "s", "step": 2, "loss": {"ce": 1.0, "total": 1.0}, "lr": 0.1}),
+               ("eval", {"stage": "s", "step": 4, "top1": 50.0, "many": None}),
+               ("pseudo_labels", {"stage": "s", "pl_accuracy": 90.0}),
+               ("pool_labels", {"stage": "s", "pool_accuracy": 80.0}),
+               ("stage_end", {"stage": "s", "top1": 50.0})]
+    for event, data in records:
+        logger.ltframe_log(run=run, event=event, data=data)
+    if callable(getattr(logger, "close", None)):
+        logger.close()
+    assert all(p.is_relative_to(run.run_dir) for p in tmp_path.rglob("*") if p.is_file())

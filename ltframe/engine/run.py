@@ -6,7 +6,7 @@ import json
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ class Run:
     smoke: bool = False
     rank: int = 0  # this process under torchrun (0 in a single process)
     world_size: int = 1
+    loggers: list = field(default_factory=list)  # built from run.loggers (`logger` kind)
 
     @property
     def is_main(self) -> bool:
@@ -66,8 +67,10 @@ def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Pat
     model = build_model(recipe, registry, data.num_classes).to(device)
     if device.type == "cuda" and recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # trackers are built here, so a missing package fails before the run directory exists
+    loggers = [registry.build(spec) for spec in recipe.run.loggers]
     return Run(recipe, pm, registry, run_dir, device, data, model, smoke, info.rank,
-               info.world_size)
+               info.world_size, loggers)
 
 
 def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> dict:
@@ -79,6 +82,19 @@ def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> 
         trainer.restore(tensors, meta)
         if int(meta["step"]) > 0:
             partial = resume
+    loggers = run.loggers if run.is_main else []
+    for i, logger in enumerate(loggers):  # trackers receive the run's events like plugins
+        run.pm.register(logger, name=f"run:logger{i}")
+    try:
+        return _stages(run, trainer, scheduler, partial)
+    finally:
+        for logger in loggers:
+            run.pm.unregister(logger)
+            if callable(getattr(logger, "close", None)):
+                logger.close()
+
+
+def _stages(run: Run, trainer: Trainer, scheduler: Any, partial: Any) -> dict:
     run.pm.hook.ltframe_run_start(run=run)
     t0 = time.perf_counter()
     try:

@@ -76,6 +76,7 @@ class Trainer:
             return
         with open(self.run.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"event": event, **data}) + "\n")
+        self.run.pm.hook.ltframe_log(run=self.run, event=event, data=data)
 
     # --- stage setup ----------------------------------------------------------------------
     def _parts_trainable(self, train: list[str]) -> list[str]:
