@@ -122,7 +122,7 @@ def test_registry_rules():
     with pytest.raises(RegistryError, match="registered twice"):
         reg.register("head", "hh", lambda p: p, P, plugin="other")
     assert set(KINDS) == {"sampler", "pseudo_labeler", "loss", "head", "scheduler", "source",
-                          "view", "optimizer", "lr_schedule", "transform"}
+                          "view", "optimizer", "lr_schedule", "transform", "logger"}
 
 
 def test_blocking_a_plugin_that_is_not_installed_is_an_error():
