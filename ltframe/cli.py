@@ -29,12 +29,16 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class RichReporter(Reporter):
-    """Progress bar with loss, lr, images/s and ETA; evaluation lines."""
+    """Progress bar per stage (its name carries the generation / loop, e.g. gen2, ft3) with
+    loss, lr, images/s, ETA and the latest evaluation's overall/many/medium/few; one line per
+    evaluation."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.bar: Any = None
         self.task: Any = None
+        self.latest = ""  # the last evaluation, shown in the bar until the next one
+        self.info = ""
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -62,15 +66,21 @@ class RichReporter(Reporter):
 
     def progress(self, step: int, info: dict[str, Any]) -> None:
         if self.bar is not None:
-            text = (f"loss {info['total']:.4f} lr {info['lr']:.3g} "
-                    f"{info['images_per_s']:.0f} img/s")
-            self.bar.update(self.task, completed=step, info=text)
+            self.info = (f"loss {info['total']:.4f} lr {info['lr']:.3g} "
+                         f"{info['images_per_s']:.0f} img/s")
+            self.bar.update(self.task, completed=step, info=self._info())
+
+    def _info(self) -> str:
+        return f"{self.info} | {self.latest}" if self.latest else self.info
 
     def evaluation(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
+        groups = (f"top1 {metrics['top1']:.2f} many {_fmt(metrics.get('many'))} "
+                  f"medium {_fmt(metrics.get('medium'))} few {_fmt(metrics.get('few'))}")
+        self.latest = f"{stage} ep {epoch + 1}: {groups}"
+        if self.bar is not None:
+            self.bar.update(self.task, info=self._info())
         if not self.quiet:
-            console.print(f"  {stage} epoch {epoch + 1}: top1 {metrics['top1']:.2f} "
-                          f"many {_fmt(metrics.get('many'))} medium {_fmt(metrics.get('medium'))} "
-                          f"few {_fmt(metrics.get('few'))}", highlight=False)
+            console.print(f"  {stage} epoch {epoch + 1}: {groups}", highlight=False)
 
     def stage_end(self, name: str) -> None:
         if self.bar is not None:

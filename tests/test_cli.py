@@ -411,3 +411,16 @@ def test_predict_uses_the_eval_head_and_posthoc_adjustment(tmp_path):
         assert r["top"][0]["class"] == summary["classes"][r["top"][0]["index"]]
     res = CliRunner().invoke(main, ["predict", str(run_dir), str(tmp_path / "nothing")])
     assert res.exit_code != 0 and "no such file or folder" in res.output
+
+
+def test_progress_shows_the_latest_evaluation():
+    from ltframe.cli import RichReporter
+
+    rep = RichReporter()
+    rep.stage_start("gen2", 10, 0)
+    rep.progress(3, {"total": 1.5, "lr": 0.1, "images_per_s": 100.0})
+    rep.evaluation("gen2", 0, {"top1": 51.234, "many": 70.0, "medium": None, "few": 12.5})
+    rep.progress(5, {"total": 1.2, "lr": 0.1, "images_per_s": 100.0})
+    info = rep.bar.tasks[0].fields["info"]
+    rep.stage_end("gen2")
+    assert "loss 1.2000" in info and "gen2 ep 1: top1 51.23 many 70.00 medium - few 12.50" in info
