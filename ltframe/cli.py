@@ -338,6 +338,18 @@ def predict(run_dir: str, images: tuple[str, ...], top_k: int, as_json: bool) ->
     out.print(table)
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", default="report", show_default=True,
+              help="Folder for report.md and its PNG figures.")
+def report(run_dirs: tuple[str, ...], out_dir: str) -> None:
+    """A Markdown report with figures for finished runs (matplotlib: the `plots` extra)."""
+    from ltframe.report import write_report
+
+    path = write_report(list(run_dirs), out_dir)
+    out.print(f"{path}", highlight=False)
+
+
 @main.command(name="eval")
 @click.argument("target", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",

@@ -31,7 +31,7 @@ from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
 from ltframe.engine.targets import TargetTable
 from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
-from ltframe.eval.evaluate import evaluate_logits, extract_features, predict
+from ltframe.eval.evaluate import adjust_logits, evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
 
@@ -69,6 +69,7 @@ class Trainer:
         self.position: tuple[str, int, int] = ("", 0, 0)  # (stage, step being run, total)
         # post-hoc adjustment prior: class counts of what the current stage trains on
         self.prior_counts: Tensor | None = None
+        self.last_predictions: Tensor | None = None  # test-set predictions of the last evaluation
 
     # --- metrics file ---------------------------------------------------------------------
     def log(self, event: str, **data: Any) -> None:
@@ -127,6 +128,10 @@ class Trainer:
                                   rc.eval.many_threshold, rc.eval.few_threshold,
                                   rc.eval.posthoc_tau, self.prior_counts,
                                   rc.eval.groups, rc.eval.rank_sizes)
+        # the predictions behind the reported metrics (first post-hoc tau), for reports
+        tau = rc.eval.posthoc_tau[0] if isinstance(rc.eval.posthoc_tau, list) else rc.eval.posthoc_tau
+        prior = self.prior_counts if self.prior_counts is not None else d.labeled_counts
+        self.last_predictions = adjust_logits(logits, prior, tau).argmax(1)
         for extra in self.run.pm.hook.ltframe_evaluate(run=self.run, model=model, logits=logits,
                                                        labels=d.test_labels.cpu()):
             if extra:
@@ -541,6 +546,7 @@ class Trainer:
         if cfg.label is not None:  # whole-pool labelling for later stages
             result["pool_labels"] = label_pool(self, plan, self.model)
         self.history.append(result)
+        self._save_predictions(plan)
         # the stage is done: the next checkpoint starts the next stage at step 0
         self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
                    next_stage=True)
@@ -549,6 +555,18 @@ class Trainer:
         self.reporter.stage_end(plan.name)
         self._unregister_components()
         return result
+
+    def _save_predictions(self, plan: StagePlan) -> None:
+        """RUN/predictions/stage<i>-<name>.safetensors: the stage's last test-set predictions
+        and labels (confusion matrices and per-class plots in `ltframe report`)."""
+        if self.last_predictions is None or not self.dist.main:
+            return
+        from safetensors.torch import save as st_save
+
+        data = st_save({"pred": self.last_predictions.long().contiguous(),
+                        "label": self.data.test_labels.cpu().long().contiguous()})
+        ckpt.atomic_write_bytes(self.run.run_dir / "predictions" /
+                                f"stage{plan.index}-{plan.name}.safetensors", data)
 
     def _kept(self) -> str:
         return (f"the last good checkpoint {self.last_checkpoint} is kept"
