@@ -58,7 +58,6 @@ def predict_files(run_dir: str | Path, items: list[str | Path], top_k: int = 5,
     classes = info["classes"]
     tensors, side, _ = ckpt.load(run_dir)
     device = pick_device(recipe.run.device)
-    torch.manual_seed(0)
     model = build_model(recipe, registry, len(classes)).to(device)
     prefix = "ema" if side.get("ema") and side.get("step", 0) > 0 else "model"
     ckpt.load_module_state(model, tensors, prefix, str(run_dir))

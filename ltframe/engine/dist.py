@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,13 @@ def unshard(local: Tensor, n: int) -> Tensor:
     if world_size() == 1:
         return local
     return gather_batch(local)[:n]
+
+
+def sharded(fn: Callable[[Tensor], Tensor], index: Tensor) -> Tensor:
+    """`fn(index)` with each rank computing its share of `index`; the rows for the whole
+    index, in its order, on every rank (evaluation, pool labelling, head fitting)."""
+    local, n = shard(index)
+    return unshard(fn(local), n)
 
 
 def all_sum(x: Tensor) -> Tensor:

@@ -56,10 +56,9 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     index = pool_index(d, cfg.label_pool, plan, run.smoke)
     head = cfg.label_head or cfg.eval_head or trainer.recipe.model.eval_head
     # float32 (no autocast): bf16 logits would tie many confidences and change the ranking
-    local, n = dist.shard(index)  # each rank predicts a share; every rank gets all of it
-    logits = dist.unshard(predict(model, d.train, local, d.source.mean, d.source.std,
-                                  trainer.recipe.eval.batch_size, head, False,
-                                  trainer.channels_last), n)
+    logits = dist.sharded(lambda i: predict(model, d.train, i, d.source.mean, d.source.std,
+                                            trainer.recipe.eval.batch_size, head, False,
+                                            trainer.channels_last), index)
     pool = PoolPredictions(index=index, probs=logits.softmax(1), num_classes=d.num_classes,
                            class_counts=counts.cpu(), stage_index=plan.index, stage_name=plan.name,
                            logits=logits)

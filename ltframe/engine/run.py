@@ -67,10 +67,14 @@ def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Pat
     model = build_model(recipe, registry, data.num_classes).to(device)
     if device.type == "cuda" and recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # trackers are built here, so a missing package fails before the run directory exists
-    loggers = [registry.build(spec) for spec in recipe.run.loggers]
     return Run(recipe, pm, registry, run_dir, device, data, model, smoke, info.rank,
-               info.world_size, loggers)
+               info.world_size)
+
+
+def _build_loggers(run: Run) -> None:
+    """Trackers of `run.loggers` (training runs only; built before any file is changed, so a
+    missing package fails early)."""
+    run.loggers = [run.registry.build(spec) for spec in run.recipe.run.loggers]
 
 
 def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> dict:
@@ -152,6 +156,7 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         recipe = load_recipe(recipe_path, registry, overrides)
     check_out_dir(out_dir or recipe.run.out_dir, "--out" if out_dir else "run.out_dir")
     run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
+    _build_loggers(run)
     # rank 0 makes the run directory; every rank uses it
     run.run_dir = run_dir = Path(dist.broadcast_object(
         str(new_run_dir(out_dir or recipe.run.out_dir, recipe.run.name)) if run.is_main else ""))
@@ -224,6 +229,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] | None = None, *,
             reporter.message(f"skipped checkpoint {bad.name}: {reason}")
     run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
     check_splits(run.data, run_dir)
+    _build_loggers(run)
     # the checkpoint must fit the (possibly overridden) model before any file is changed
     ckpt.load_module_state(run.model, tensors, "model", str(path.with_suffix(".safetensors")))
     reporter.message(f"resuming {run_dir} from {path.stem} (stage {side['stage_index']}, "

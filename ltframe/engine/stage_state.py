@@ -87,7 +87,7 @@ class Stage:
     soft: bool = False  # the supervised samples all have soft targets in the table
     weighted: bool = False  # some supervised sample has a weight other than 1
     online: dict | None = None  # last epoch's online pseudo-label diagnostics
-    ddp: Any = None  # the training forward when not the plain model (DDP and/or compiled)
+    train_forward: Any = None  # the training forward when not the plain model (DDP, compiled)
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else model

@@ -120,10 +120,10 @@ class Trainer:
     def evaluate(self, model: torch.nn.Module, head: str = "") -> dict:
         rc, d = self.recipe, self.data
         src = d.source
-        index, n = dist.shard(torch.arange(d.test_labels.numel()))  # each rank a share
-        logits = dist.unshard(predict(model, d.test, index, src.mean, src.std, rc.eval.batch_size,
-                                      head or rc.model.eval_head, self.autocast,
-                                      self.channels_last), n)
+        logits = dist.sharded(lambda i: predict(model, d.test, i, src.mean, src.std,
+                                                rc.eval.batch_size, head or rc.model.eval_head,
+                                                self.autocast, self.channels_last),
+                              torch.arange(d.test_labels.numel()))
         metrics = evaluate_logits(logits, d.test_labels, d.labeled_counts,
                                   rc.eval.many_threshold, rc.eval.few_threshold,
                                   rc.eval.posthoc_tau, self.prior_counts,
@@ -151,10 +151,10 @@ class Trainer:
         """Call `fit(train_feats, train_labels, val_feats, val_labels)` on each listed head
         with un-augmented features of the labeled set (and the val split, if any)."""
         d, bs = self.data, self.recipe.eval.batch_size
-        feats = _sharded(lambda i: extract_features(model, d.train, i, d.source.mean,
-                                                    d.source.std, bs), d.splits.labeled)
-        val_feats = (_sharded(lambda i: extract_features(model, d.val, i, d.source.mean,
-                                                         d.source.std, bs), d.val_index)
+        feats = dist.sharded(lambda i: extract_features(model, d.train, i, d.source.mean,
+                                                        d.source.std, bs), d.splits.labeled)
+        val_feats = (dist.sharded(lambda i: extract_features(model, d.val, i, d.source.mean,
+                                                             d.source.std, bs), d.val_index)
                      if d.val is not None else None)
         out = {}
         for path in paths:
@@ -339,7 +339,7 @@ class Trainer:
             transform=transform,
             teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
-            ddp=self._train_forward() if params and total > 0 else None,
+            train_forward=self._train_forward() if params and total > 0 else None,
         )
         if resume is not None:
             self._restore_stage(st, *resume)
@@ -408,7 +408,7 @@ class Trainer:
             x_all = self._transformed(st, ctx, sizes, aliases, x_all)
         with _span("ltframe.forward"), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                       enabled=self.autocast):
-            fwd = self.model if st.ddp is None else st.ddp  # DDP and/or compiled when set
+            fwd = self.model if st.train_forward is None else st.train_forward
             feats, logits = fwd(x_all)
         logits = {k: v.float() for k, v in logits.items()}
         f_parts, l_parts = split_outputs(feats.float(), logits, sizes)
@@ -666,12 +666,6 @@ PROFILE_SPANS = False
 def _span(name: str) -> Any:
     """`torch.profiler.record_function(name)` when PROFILE_SPANS, else a no-op context."""
     return torch.profiler.record_function(name) if PROFILE_SPANS else contextlib.nullcontext()
-
-
-def _sharded(fn: Any, index: Tensor) -> Tensor:
-    """`fn(index)` computed by each rank on a share of `index`, gathered on every rank."""
-    local, n = dist.shard(index)
-    return dist.unshard(fn(local), n)
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
