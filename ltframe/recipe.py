@@ -47,6 +47,9 @@ class RunCfg:
 @dataclass
 class DataCfg:
     source: ComponentSpec = _c("source", "synthetic")
+    # images without labels joined to the unlabeled split, e.g. { name = "folder", root = "..." }
+    # (any source; its labels, if any, are not used for training)
+    unlabeled: ComponentSpec | None = _c("source", None)
     longtail: ProfileCfg = field(default_factory=ProfileCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
     val_per_class: int = param(0, ge=0)  # balanced val split from images the LT subset leaves unused
@@ -192,15 +195,28 @@ def read_toml(path: str | Path, referrer: str | Path | None = None) -> dict[str,
     return data
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge; a component table whose `name` changes is replaced, not merged."""
+#: top-level tables whose `name` is a plain value, not a choice of component: merged key by key
+PLAIN_TABLES = ("run",)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """Deep merge of `over` into `base` (as `extends` does): tables merge key by key; a table
+    whose `name` chooses what it is (a component, optimizer, schedule, long-tail profile or
+    split) is replaced whole when `over` changes the name ([optim] keeps the base's schedule);
+    arrays (e.g. [[stage]]) and other values are replaced. [run] always merges key by key."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         b = out.get(k)
-        if isinstance(b, dict) and isinstance(v, dict) and v.get("name", b.get("name")) == b.get("name"):
-            out[k] = merge(b, v)
-        else:
+        if isinstance(b, str) and isinstance(v, dict):  # sampler = "random" + [sampler] k = 4
+            b = {"name": b}
+        if not (isinstance(b, dict) and isinstance(v, dict)):
             out[k] = copy.deepcopy(v)
+        elif (top and k in PLAIN_TABLES) or v.get("name", b.get("name")) == b.get("name"):
+            out[k] = merge(b, v, top=False)
+        else:  # another component
+            out[k] = copy.deepcopy(v)
+            if top and k == "optim" and "schedule" in b:
+                out[k].setdefault("schedule", copy.deepcopy(b["schedule"]))
     return out
 
 

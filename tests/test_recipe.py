@@ -114,3 +114,36 @@ def test_recipes_never_import_code(registry):
     """A component name that looks like a module path is just an unknown name."""
     with pytest.raises(RecipeError, match="unknown loss 'os.system'"):
         build_recipe(_raw(stage=[{"name": "x", "epochs": 1, "loss": ["os.system"]}]), registry)
+
+
+def test_extends_merges_plain_tables_key_by_key(registry, tmp_path):
+    """A child setting run.name keeps the base's seed, log_every, out_dir (issue 17)."""
+    tiny_recipe(tmp_path, "base.toml", run={"seed": 3, "log_every": 7},
+                data={"source": {"name": "synthetic", "num_classes": 5}},
+                stage=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 2}])
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\n[run]\nname = "child"\n'
+                     '[data.source]\ntrain_per_class = 30\n[data.longtail]\nratio = 2\n')
+    r = load_recipe(child, registry)
+    assert r.run.name == "child" and r.run.seed == 3 and r.run.log_every == 7
+    assert r.run.out_dir == str(tmp_path / "runs")
+    src = r.data.source.params  # same component: merged
+    assert src.num_classes == 5 and src.train_per_class == 30 and src.image_size == 16
+    assert r.data.longtail.name == "exp" and r.data.longtail.ratio == 2
+    assert [s.name for s in r.stages] == ["a", "b"]  # no [[stage]] in the child: the base's
+
+
+def test_extends_replaces_renamed_components_and_stage_arrays(registry, tmp_path):
+    tiny_recipe(tmp_path, "base.toml", scheduler="sequence",
+                optim={"name": "sgd", "lr": 0.3, "momentum": 0.5, "schedule": {"name": "cosine"}},
+                stage=[{"name": "a", "epochs": 1}, {"name": "b", "epochs": 2}])
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\n[optim]\nname = "adam"\n'
+                     '[data.longtail]\nname = "step"\n[scheduler]\nrepeat = 2\n'
+                     '[[stage]]\nname = "only"\nepochs = 1\n')
+    r = load_recipe(child, registry)
+    adam = r.optim.optimizer  # replaced: the base's lr = 0.3 is gone, the schedule stays
+    assert adam.name == "adam" and adam.params.lr == 0.1 and r.optim.schedule.name == "cosine"
+    assert r.data.longtail.name == "step" and r.data.longtail.ratio == 100  # not the base's 4
+    assert r.scheduler.name == "sequence" and r.scheduler.params.repeat == 2  # "sequence" + table
+    assert [s.name for s in r.stages] == ["only"]  # a child's [[stage]] list replaces the base's
