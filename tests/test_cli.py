@@ -424,3 +424,28 @@ def test_progress_shows_the_latest_evaluation():
     info = rep.bar.tasks[0].fields["info"]
     rep.stage_end("gen2")
     assert "loss 1.2000" in info and "gen2 ep 1: top1 51.23 many 70.00 medium - few 12.50" in info
+
+
+@pytest.mark.parametrize("stages, pattern", [
+    ([{"name": "sup", "epochs": 1}, {"name": "semi", "epochs": 1, "data": "labeled+unlabeled"}],
+     r"stage 'semi' \(stage\[1\]\)\.data = \"labeled\+unlabeled\" uses unlabeled data"),
+    ([{"name": "st", "epochs": 1, "data": "labeled+pseudo"}], r"no earlier stage labelled the pool"),
+    ([{"name": "l", "epochs": 1, "label": "threshold"}], r"label_pool = \"unlabeled\" but that split"),
+])
+def test_stage_data_errors_come_before_the_run_directory(tmp_path, stages, pattern):
+    """Checked over every planned stage (not only the first) before anything is written."""
+    res = invoke("run", tiny_recipe(tmp_path, stage=stages), "--quiet")
+    assert res.exit_code == 1 and re.search(pattern, res.output), res.output
+    assert "Traceback" not in res.output and not (tmp_path / "runs").exists()
+
+
+def test_a_taken_run_name_says_which_directory_the_run_writes(tmp_path):
+    recipe = tiny_recipe(tmp_path, stage=[{"name": "s", "epochs": 1, "steps_per_epoch": 1}])
+    (tmp_path / "runs" / "tiny").mkdir(parents=True)
+    (tmp_path / "runs" / "tiny" / "keep.txt").write_text("x")
+    res = invoke("run", recipe)
+    assert res.exit_code == 0, res.output
+    runs = tmp_path / "runs"
+    said = f"{runs / 'tiny'} exists; this run writes {runs / 'tiny-1'}"
+    assert re.sub(r"\s", "", said) in re.sub(r"\s", "", res.output)  # however rich wraps it
+    assert (runs / "tiny-1" / "summary.json").is_file() and (runs / "tiny" / "keep.txt").is_file()

@@ -38,6 +38,26 @@ from ltframe.eval.record import EvalRecord
 SMOKE_BATCH = 16
 
 
+def check_plan_data(plan: StagePlan, has_unlabeled: bool, pool_labelled: bool) -> None:
+    """A stage's `data` against the run's splits (before the run directory exists, and again
+    when the stage starts): unlabeled batches need an unlabeled split, an online
+    pseudo-labeler needs unlabeled batches, pseudo-labelled samples need an earlier labelling."""
+    cfg = plan.cfg
+    parts = cfg.data.split("+")
+    where = f"stage '{plan.name}' (stage[{plan.index}])"
+    if "unlabeled" in parts and not has_unlabeled:
+        raise RecipeError(f"{where}.data = \"{cfg.data}\" uses unlabeled data but the split has "
+                          "none; set data.split (e.g. name = \"fraction\")")
+    if cfg.pseudo_labeler is not None and "unlabeled" not in parts:
+        raise RecipeError(f"{where}.pseudo_labeler: an online pseudo-labeler needs unlabeled "
+                          f"batches but data = \"{cfg.data}\"; use data = \"labeled+unlabeled\" "
+                          "or drop pseudo_labeler (whole-pool labelling is stage.label)")
+    if "pseudo" in parts and not pool_labelled:
+        raise RecipeError(f"{where}.data = \"{cfg.data}\" trains on pseudo-labelled samples "
+                          "but no earlier stage labelled the pool; set `label` on an earlier "
+                          "stage (e.g. label = {name = \"threshold\"})")
+
+
 class Trainer:
     """Runs the stages of one run; owns everything that goes into a checkpoint."""
 
@@ -207,18 +227,9 @@ class Trainer:
         cfg, d = plan.cfg, self.data
         parts = cfg.data.split("+")
         where = f"stage '{plan.name}' (stage[{plan.index}])"
-        if "unlabeled" in parts and d.splits.unlabeled.numel() == 0:
-            raise RecipeError(f"{where}.data = \"{cfg.data}\" uses unlabeled data but the split has "
-                              "none; set data.split (e.g. name = \"fraction\")")
-        if cfg.pseudo_labeler is not None and "unlabeled" not in parts:
-            raise RecipeError(f"{where}.pseudo_labeler: an online pseudo-labeler needs unlabeled "
-                              f"batches but data = \"{cfg.data}\"; use data = \"labeled+unlabeled\" "
-                              "or drop pseudo_labeler (whole-pool labelling is stage.label)")
+        check_plan_data(plan, d.splits.unlabeled.numel() > 0,
+                        self.table.pseudo.numel() > 0 or self.table.generation > 0)
         index = self.table.index([p for p in parts if p in ("labeled", "pseudo")])
-        if "pseudo" in parts and self.table.pseudo.numel() == 0 and self.table.generation == 0:
-            raise RecipeError(f"{where}.data = \"{cfg.data}\" trains on pseudo-labelled samples "
-                              "but no earlier stage labelled the pool; set `label` on an earlier "
-                              "stage (e.g. label = {name = \"threshold\"})")
         if ("labeled" in parts or "pseudo" in parts) and index.numel() == 0:
             raise RecipeError(f"{where}.data = \"{cfg.data}\": no samples to train on (the last "
                               "pool labelling kept none); lower its threshold or add \"labeled\"")
