@@ -401,20 +401,78 @@ def plugins(block: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the components as JSON.")
 @click.option("--block", multiple=True, metavar="PLUGIN")
-def components(kind: str | None, block: tuple[str, ...]) -> None:
-    """List registered components (of KIND), their plugin and parameters with defaults."""
+def components(kind: str | None, name: str | None, as_json: bool, block: tuple[str, ...]) -> None:
+    """List registered components (of KIND), their plugin and parameters with defaults;
+    KIND NAME shows what each parameter means, its range and default, and the aliases."""
+    import json
+
     from ltframe.config import params_help
+    from ltframe.paramdoc import aliases, describe
     from ltframe.plugins import make_plugin_manager
 
     _, registry = make_plugin_manager(check_block(block))
+    if name is not None:
+        info = describe(registry, registry.get(kind or "", name))
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            _component_detail(info)
+        return
     entries = registry.entries(kind)
-    table = Table(title=f"ltframe components{f' ({kind})' if kind else ''}")
-    for col in ("kind", "name", "plugin", "parameters (default)", "description"):
-        table.add_column(col, overflow="fold")
+    if as_json:
+        click.echo(json.dumps([describe(registry, e) for e in entries], indent=2))
+        return
+    rows = []
     for e in entries:
+        also = aliases(registry, e)
         params = ", ".join(f"{n}={d}" for n, _, d in params_help(e.params)) or "-"
-        table.add_row(e.kind, e.name, e.plugin, params, e.doc)
+        rows.append((e.kind, e.name + (f" ({', '.join(also)})" if also else ""), e.plugin, params,
+                     e.doc))
+    if not out.is_terminal:  # piped: one full line per component, nothing cut or folded
+        _plain_rows(("kind", "name", "plugin", "parameters (default)", "description"), rows)
+        return
+    table = Table(title=f"ltframe components{f' ({kind})' if kind else ''}")
+    for col in ("kind", "name", "plugin"):
+        table.add_column(col, no_wrap=True)
+    for col in ("parameters (default)", "description"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+
+
+def _plain_rows(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Aligned columns (all but the last padded), no wrapping, for pipes and files."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for r in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(r, widths, strict=False)] + [r[-1]]
+        click.echo("  ".join(cells).rstrip())
+
+
+def _component_detail(info: dict[str, Any]) -> None:
+    """`ltframe components KIND NAME`: the component and what each parameter means."""
+    also = f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""
+    click.echo(f"{info['kind']} {info['name']}{also}, plugin {info['plugin']}")
+    if info["description"]:
+        click.echo(info["description"])
+    if not info["params"]:
+        click.echo("no parameters")
+        return
+    rows = [(p["name"], p["type"], "(required)" if p["required"] else repr(p["default"]),
+             p["range"] or "-", p["help"] or "-") for p in info["params"]]
+    header = ("parameter", "type", "default", "range", "meaning")
+    if not out.is_terminal:
+        _plain_rows(header, rows)
+        return
+    table = Table()
+    for col in header[:-1]:
+        table.add_column(col, no_wrap=col == "parameter", overflow="fold")
+    table.add_column(header[-1], overflow="fold", ratio=1)
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
     out.print(table)
 
 

@@ -1,5 +1,6 @@
 """The command line: run/resume/eval/show/plugins/components and one-line errors."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from ltframe.cli import main
+from ltframe.config import param
 from ltframe.testing import tiny_recipe
 
 
@@ -449,3 +451,66 @@ def test_a_taken_run_name_says_which_directory_the_run_writes(tmp_path):
     said = f"{runs / 'tiny'} exists; this run writes {runs / 'tiny-1'}"
     assert re.sub(r"\s", "", said) in re.sub(r"\s", "", res.output)  # however rich wraps it
     assert (runs / "tiny-1" / "summary.json").is_file() and (runs / "tiny" / "keep.txt").is_file()
+
+
+def test_components_piped_prints_full_names_one_line_each_and_json():
+    res = invoke("components", "sampler")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert any(re.match(r"sampler\s+class_balanced\s+classics\s+num_samples=0", x) for x in lines)
+    assert any(re.match(r"sampler\s+random \(instance\)\s+classics", x) for x in lines)
+    assert len(lines) == 1 + len(set(x.split()[1] for x in lines[1:]))  # header + one per sampler
+    rows = json.loads(invoke("components", "sampler", "--json").output)
+    cb = next(r for r in rows if r["name"] == "class_balanced")
+    assert cb["plugin"] == "classics" and cb["description"].startswith("Class-balanced sampling")
+    assert {"name": "num_samples", "type": "int", "required": False, "default": 0,
+            "range": ">= 0"}.items() <= next(p for p in cb["params"] if p["name"] == "num_samples").items()
+    assert next(r for r in rows if r["name"] == "random")["aliases"] == ["instance"]
+
+
+def test_components_kind_name_explains_each_parameter():
+    res = invoke("components", "pseudo_labeler", "align")
+    assert res.exit_code == 0, res.output
+    row = next(x for x in res.output.splitlines() if x.startswith("threshold "))
+    # inherited field (ThresholdParams): type, default, range and the field's comment
+    assert re.match(r"threshold\s+float\s+0\.95\s+>= 0 and <= 1\s+keep max p >= threshold", row)
+    assert re.search(r"^window\s+int\s+128\s+>= 1\s+window: number of batch means", res.output, re.M)
+    info = json.loads(invoke("components", "loss", "la", "--json").output)
+    assert info["aliases"] == ["logit_adjusted"] and info["kind"] == "loss"
+    assert "aliases: instance" in invoke("components", "sampler", "random").output
+    res = invoke("components", "loss", "cee")
+    assert res.exit_code == 1 and "did you mean 'ce'" in res.output
+
+
+@dataclasses.dataclass
+class _BaseDocParams:
+    """Test params.
+
+    gamma: focusing exponent
+    """
+
+    gamma: float = 2.0
+    # the head whose logits are used;
+    # "main" by default
+    head: str = "main"  # any head name
+    plain: int = 0
+
+
+@dataclasses.dataclass
+class _DocParams(_BaseDocParams):
+    scale: float = param(1.0, gt=0, le=10)  # multiplies the logits
+    plain: int = 1  # overridden here
+
+
+def test_field_comments_above_after_docstring_and_inherited():
+    from ltframe.paramdoc import field_comments, params_doc
+
+    assert field_comments(_DocParams) == {
+        "gamma": "focusing exponent",
+        "head": 'the head whose logits are used; "main" by default any head name',
+        "scale": "multiplies the logits",
+        "plain": "overridden here",
+    }
+    scale = next(p for p in params_doc(_DocParams) if p["name"] == "scale")
+    assert scale == {"name": "scale", "type": "float", "required": False, "default": 1.0,
+                     "range": "> 0 and <= 10", "help": "multiplies the logits"}
