@@ -26,7 +26,10 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
                   ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed")),
     "head": ("an nn.Module mapping features to logits", ("in_features", "num_classes")),
     "scheduler": ("a StageScheduler (next_stage(history) -> StagePlan | None)", ("stages",)),
-    "source": ("a SourceData (train/test uint8 images and labels)", ("seed",)),
+    # unlabeled=True: built as [data] unlabeled (no test set needed); image_size: the labelled
+    # source's image size there
+    "source": ("a SourceData (train/test uint8 images and labels; -1 = no label)",
+               ("seed", "unlabeled", "image_size")),
     "view": ("a callable(uint8 batch, generator) -> normalised float batch", ("mean", "std")),
     "optimizer": ("a torch.optim.Optimizer", ("params",)),
     "lr_schedule": ("a callable(step) -> lr factor", ("steps_per_epoch", "total_steps")),

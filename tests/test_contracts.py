@@ -10,7 +10,7 @@ import torch
 from ltframe.data.samplers import IndexSampler
 from ltframe.engine.context import PoolLabels, PoolPredictions, PseudoLabels, StepContext
 from ltframe.engine.forward import forward_no_grad
-from ltframe.errors import RecipeError
+from ltframe.errors import DataError, RecipeError
 from ltframe.plugins import make_plugin_manager
 from ltframe.recipe import OptimCfg, StageCfg
 from ltframe.testing import write_cifar_folder, write_image_folder
@@ -280,16 +280,36 @@ def _source_params(name, tmp_path):
         return {"path": str(tmp_path / "d.npz")}
     if name == "synthetic":
         return {"num_classes": 2, "train_per_class": 3, "test_per_class": 1, "image_size": 8}
+    if name == "folder":
+        write_image_folder(tmp_path / "u" / "nested", ["x"], 2, 8)
+        return {"root": str(tmp_path / "u")}
     pytest.skip(f"no test data recipe for third-party source {name}")
+
+
+def _check_source(src) -> None:
+    assert src.train_labels.dtype == torch.long and len(src.train_images) == src.train_labels.numel()
+    assert src.hidden.shape == src.train_labels.shape and len(src.mean) == len(src.std) == 3
+    assert int(src.train_labels.min()) >= -1 and int(src.train_labels.max()) < src.num_classes
+    assert src.train_files is None or len(src.train_files) == len(src.train_images)
+    assert src.test_labels.numel() == len(src.test_images)
 
 
 @pytest.mark.parametrize("entry", entries("source"))
 def test_source_contract(entry, tmp_path):
+    """Every source builds as [data] unlabeled (images, labels unused); a labelled one also as
+    data.source with a test set; an unlabeled-only one refuses to be data.source."""
     params = _source_params(entry.name, tmp_path)
-    src = REGISTRY.build(REGISTRY.spec("source", {"name": entry.name, **params}, "s"), seed=0)
-    assert src.train_labels.dtype == torch.long and len(src.train_images) == src.train_labels.numel()
-    assert src.test_labels.numel() == len(src.test_images) > 0
-    assert int(src.train_labels.max()) < src.num_classes and len(src.mean) == len(src.std) == 3
+    spec = REGISTRY.spec("source", {"name": entry.name, **params}, "s")
+    pool = REGISTRY.build(spec, seed=0, unlabeled=True, image_size=8)
+    _check_source(pool)
+    assert len(pool.train_images) > 0
+    if not pool.num_classes:  # images without labels only
+        with pytest.raises(DataError, match="has no labels"):
+            REGISTRY.build(spec, seed=0)
+        return
+    src = REGISTRY.build(spec, seed=0)
+    _check_source(src)
+    assert src.test_labels.numel() > 0 and int(src.train_labels.max()) >= 0
 
 
 @pytest.mark.parametrize("entry", entries("logger"))

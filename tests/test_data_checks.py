@@ -46,9 +46,16 @@ def test_cifar10_lt_val_split_comes_from_unused_images():
     assert s.labeled.numel() == 12406 and _counts(y, s.labeled)[0] == 5000
     assert _counts(y, s.val) == [0] + [20] * 9  # the head class uses all its 5000 images
     assert not set(s.val.tolist()) & set(s.labeled.tolist())
-    assert s.notes == ["val split: class 'airplane' has only 0 spare images (the long-tailed "
-                       "split uses the rest), so it gets 0 of data.val_per_class = 20"]
-    assert base.notes == []
+    assert _val_notes(s) == ["val split: class 'airplane' has only 0 spare images (the long-tailed "
+                             "split uses the rest), so it gets 0 of data.val_per_class = 20"]
+    assert _val_notes(base) == []
+    assert base.notes[0].startswith("long tail (exp): head class 'airplane' (5000 images), tail "
+                                    "class 'truck' (50)")
+    assert "keeps 12406 of the source's 50000 labelled training images (25%)" in base.notes[1]
+
+
+def _val_notes(splits):
+    return [n for n in splits.notes if n.startswith("val split")]
 
 
 @pytest.mark.parametrize("split", [
@@ -74,15 +81,15 @@ def test_short_val_classes_are_listed_in_one_line():
     s = make_splits(y, 4, ProfileCfg("step", ratio=10, head_fraction=0.5), SplitCfg(), 5, 0,
                     classes=["a", "b", "c", "d"])
     assert _counts(y, s.val, 4) == [0, 0, 5, 5]
-    assert s.notes == ["val split: 2 classes have fewer than data.val_per_class = 5 spare images "
-                       "(the long-tailed split uses the rest) and get only: 'a' 0, 'b' 0"]
+    assert _val_notes(s) == ["val split: 2 classes have fewer than data.val_per_class = 5 spare images "
+                             "(the long-tailed split uses the rest) and get only: 'a' 0, 'b' 0"]
 
 
 def test_bundle_records_val_counts_and_notes(registry, tmp_path):
     src = _source(torch.arange(4).repeat_interleave(10).tolist(), ["a", "b", "c", "d"])
     cfg = _data_cfg(registry, longtail={"name": "exp", "ratio": 10}, val_per_class=3)
     bundle = build_bundle(src, cfg, 0, CPU)
-    assert bundle.notes and "class 'a' has only 0 spare images" in bundle.notes[0]
+    assert any("class 'a' has only 0 spare images" in n for n in bundle.notes)
     save_splits(bundle, tmp_path)
     counts = json.loads((tmp_path / "splits" / "counts.json").read_text())
     assert counts["labeled"][0] == 10 and counts["val"] == [0, 3, 3, 3]

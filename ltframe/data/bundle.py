@@ -1,11 +1,13 @@
 """Everything a run needs from its data: images, the long-tailed splits, class counts.
 
-Unlabeled samples keep their true labels in `hidden_unlabeled_labels`, for pseudo-label
-diagnostics only: the engine never hands them to a component.
+Unlabeled samples keep their true labels (where known, else -1) in `hidden_unlabeled_labels`,
+for pseudo-label diagnostics only: the engine never hands them to a component. Images of
+`[data] unlabeled` are appended to the training store after the source's own images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ltframe.data.longtail import Splits, class_counts, make_splits
-from ltframe.data.sources import FileImages, Images, SourceData
+from ltframe.data.sources import FileImages, Images, SourceData, concat_images
 from ltframe.engine.checkpoint import atomic_write_json, atomic_write_text
 from ltframe.errors import DataError
 
@@ -23,7 +25,7 @@ class ImageStore:
     """uint8 images by index, delivered on `device` (kept there when they fit)."""
 
     def __init__(self, images: Images, device: torch.device, on_device: bool, workers: int = 4):
-        self.files = images if isinstance(images, FileImages) else None
+        self.files = None if isinstance(images, Tensor) else images  # decoded by index
         # file-backed images: `workers` decoding threads (PIL releases the GIL while decoding
         # and resizing); 0 = decode in the calling thread
         self.pool = ThreadPoolExecutor(workers) if self.files and workers > 0 else None
@@ -81,6 +83,8 @@ class DataBundle:
     val: ImageStore | None
     val_index: Tensor | None  # indices into `val` (the train store when val is carved from it)
     val_labels: Tensor | None
+    n_source: int = 0  # training images of data.source; those after it come from data.unlabeled
+    test_files: list[str] | None = None  # test image paths relative to the source's root
 
     @property
     def num_classes(self) -> int:
@@ -96,22 +100,76 @@ class DataBundle:
 
     @property
     def notes(self) -> list[str]:
-        """One-line remarks about the splits (e.g. classes with a short val split) to show."""
-        return self.splits.notes
+        """One-line remarks about the data (what the run trains on, the long tail's head, classes
+        with a short val split, computed statistics) to show."""
+        return self.count_lines() + self.source.notes + self.splits.notes
+
+    @property
+    def hidden_labels(self) -> Tensor:
+        """True labels of every training image where known (-1: unknown): diagnostics only."""
+        return self.source.hidden
 
     @property
     def hidden_unlabeled_labels(self) -> Tensor:
-        """True labels of the unlabeled set: diagnostics only, never for training."""
-        return self.source.train_labels[self.splits.unlabeled]
+        """True labels of the unlabeled set (-1: unknown): diagnostics only, never for training."""
+        return self.source.hidden[self.splits.unlabeled]
+
+    @property
+    def unlabeled_known(self) -> int:
+        """How many unlabeled images have a known (hidden) label."""
+        return int((self.hidden_unlabeled_labels >= 0).sum())
+
+    def file_name(self, index: int) -> tuple[str, str]:
+        """(origin, file) of training image `index`: "source" or "unlabeled" and its path
+        relative to that source's root ("" without files)."""
+        files = self.source.train_files
+        origin = "source" if index < self.n_source else "unlabeled"
+        return origin, files[index] if files is not None else ""
+
+    def counts(self) -> dict:
+        """Per-class counts of what the run trains and evaluates on."""
+        c = self.num_classes
+        hidden = self.hidden_unlabeled_labels
+        return {
+            "classes": self.source.classes,
+            "labeled": self.labeled_counts.tolist(),
+            "unlabeled": class_counts(hidden[hidden >= 0], c).tolist(),
+            "unlabeled_without_labels": int((hidden < 0).sum()),
+            "val": (class_counts(self.val_labels, c).tolist() if self.val_labels is not None
+                    else [0] * c),
+            "test": class_counts(self.test_labels, c).tolist(),
+        }
+
+    def count_lines(self) -> list[str]:
+        """One line saying what the run trains on (printed at the start)."""
+        lab = self.labeled_counts.tolist()
+        names = self.source.classes
+        order = sorted(range(len(lab)), key=lambda k: -lab[k])
+        head, tail = order[0], order[-1]
+        n_unl = self.splits.unlabeled.numel()
+        unknown = n_unl - self.unlabeled_known
+        unl = f"unlabeled {n_unl}" + (f" ({unknown} without labels)" if unknown else "")
+        val = 0 if self.val_labels is None else self.val_labels.numel()
+        return [f"data: labeled {sum(lab)} in {len(lab)} classes (head '{names[head]}' "
+                f"{lab[head]} ... tail '{names[tail]}' {lab[tail]}), {unl}, val {val}, "
+                f"test {self.test_labels.numel()} (per class: RUN/splits/counts.json)"]
 
 
 def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
-                 smoke: bool = False) -> DataBundle:
+                 smoke: bool = False, unlabeled: SourceData | None = None) -> DataBundle:
     """Make the splits of `source` described by the recipe's [data] table `cfg`.
 
-    `smoke` makes the same splits with the same checks as a full run, then keeps at most 2 val
-    images per class and 8 test images per class.
+    `unlabeled` (the built `[data] unlabeled` source) is appended to the training images
+    without its labels; it joins the unlabeled split. `smoke` makes the same splits with the
+    same checks as a full run, then keeps at most 2 val images per class and 8 test images per
+    class.
     """
+    n_source = len(source.train_images)
+    if unlabeled is not None:
+        source = add_unlabeled(source, unlabeled)
+    if not source.num_classes or not len(source.test_images):
+        raise DataError("data.source has no labelled classes or no test images; a labelled source "
+                        "(imagefolder, listfile, npz, cifar10, ...) is needed beside data.unlabeled")
     labels = source.train_labels
     separate_val = source.val_labels is not None
     val_per_class = 0 if separate_val else cfg.val_per_class
@@ -137,7 +195,30 @@ def build_bundle(source: SourceData, cfg, seed: int, device: torch.device,
     else:
         val, val_index, val_labels = None, None, None
     return DataBundle(source, splits, store, ImageStore(test_x, device, on_dev, cfg.workers),
-                      test_y, val, val_index, val_labels)
+                      test_y, val, val_index, val_labels, n_source,
+                      [source.test_files[i] for i in keep.tolist()] if smoke and source.test_files
+                      else source.test_files)
+
+
+def add_unlabeled(source: SourceData, extra: SourceData) -> SourceData:
+    """`source` with the images of `extra` appended as unlabeled training images (label -1).
+    Their true labels stay hidden for diagnostics only when `extra` has the same classes."""
+    n = len(extra.train_images)
+    same = bool(extra.classes) and extra.classes == source.classes
+    hidden = extra.hidden if same else torch.full((n,), -1, dtype=torch.long)
+    files = None
+    if source.train_files is not None or extra.train_files is not None:
+        files = ((source.train_files or [""] * len(source.train_images))
+                 + (extra.train_files or [""] * n))
+    return dataclasses.replace(
+        source,
+        train_images=concat_images([source.train_images, extra.train_images],
+                                   ["data.source", "data.unlabeled"]),
+        train_labels=torch.cat([source.train_labels, torch.full((n,), -1, dtype=torch.long)]),
+        hidden_labels=torch.cat([source.hidden, hidden]),
+        train_files=files,
+        notes=source.notes + extra.notes,
+    )
 
 
 def _first_per_class(idx: Tensor, labels: Tensor, num_classes: int, k: int) -> Tensor:
@@ -152,14 +233,7 @@ def save_splits(bundle: DataBundle, run_dir: Path) -> None:
     for name in ("labeled", "unlabeled", "val"):
         idx: Tensor = getattr(bundle.splits, name)
         atomic_write_text(d / f"{name}.txt", "".join(f"{i}\n" for i in idx.tolist()))
-    src = bundle.source
-    atomic_write_json(d / "counts.json", {
-        "classes": src.classes,
-        "labeled": bundle.labeled_counts.tolist(),
-        "unlabeled": class_counts(bundle.hidden_unlabeled_labels, bundle.num_classes).tolist(),
-        "val": class_counts(src.train_labels[bundle.splits.val], bundle.num_classes).tolist(),
-        "test": class_counts(bundle.test_labels, bundle.num_classes).tolist(),
-    })
+    atomic_write_json(d / "counts.json", bundle.counts())
 
 
 def check_splits(bundle: DataBundle, run_dir: Path) -> None:

@@ -8,6 +8,7 @@ protocol of papers 000/001. Every split is a deterministic function of (data, op
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,21 +16,29 @@ import torch
 from torch import Tensor
 
 from ltframe.config import param
-from ltframe.errors import DataError, RecipeError
+from ltframe.errors import DataError, RecipeError, closest
 
 
 @dataclass
 class ProfileCfg:
-    """Long-tail profile of the labeled training set."""
+    """Long-tail profile of the labeled training set.
 
-    name: Literal["none", "exp", "step", "pareto", "lomax"] = "none"
+    "none" uses the source's training set as it is; "balanced" cuts every class to the smallest
+    class (or n_max); exp / step / pareto / lomax build a long tail, the head being the class
+    with the most images (ties by class name, numbers in names compared as numbers), or the
+    first of `class_order`.
+    """
+
+    name: Literal["none", "balanced", "exp", "step", "pareto", "lomax"] = "none"
     ratio: float = param(100.0, ge=1)  # imbalance ratio N_max / N_min (exp, step)
-    n_max: int = param(0, ge=0)  # head count; 0 = the largest class count available
+    # head count; 0 = the head class's count (balanced: the smallest; none: > 0 caps each class)
+    n_max: int = param(0, ge=0)
     n_min: int = param(1, ge=1)  # pareto/lomax: smallest count; every profile keeps >= 1
     head_fraction: float = param(0.5, gt=0, le=1)  # step: fraction of classes that are head classes
     shape: float = param(6.0, gt=0)  # pareto/lomax shape (alpha)
     scale: float = param(1000.0, gt=0)  # lomax scale (lambda), in class-index units
     reverse: bool = False  # tail first (e.g. for the unlabeled set)
+    class_order: list[str] = field(default_factory=list)  # class names, head first; [] = by count
 
 
 @dataclass
@@ -65,13 +74,45 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # one-line remarks for the run's log
 
 
-def profile_counts(cfg: ProfileCfg, num_classes: int, available: int, seed: int = 0) -> list[int]:
-    """Per-class counts, head class first; never above `available` unless n_max says so."""
+def natural_key(name: str) -> list:
+    """Sort key comparing runs of digits as numbers ("class2" < "class10")."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
+def class_rank(available: list[int], names: list[str], class_order: list[str] | None = None
+               ) -> list[int]:
+    """Class indices head first: by `class_order` (names), else by available count (most
+    first), ties by name."""
+    if class_order:
+        unknown = [n for n in class_order if n not in names]
+        if unknown:
+            raise RecipeError(f"data.longtail.class_order: '{unknown[0]}' is not a class; classes: "
+                              f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}"
+                              f"{closest(unknown[0], names)}")
+        missing = [n for n in names if n not in class_order]
+        if missing or len(set(class_order)) != len(class_order):
+            what = f"lacks '{missing[0]}'" if missing else "names a class twice"
+            raise RecipeError(f"data.longtail.class_order {what}; list every class once, head "
+                              f"first ({len(names)} classes)")
+        return [names.index(n) for n in class_order]
+    return sorted(range(len(names)), key=lambda c: (-available[c], natural_key(names[c])))
+
+
+def profile_counts(cfg: ProfileCfg, num_classes: int, available: int | list[int],
+                   seed: int = 0) -> list[int]:
+    """Per-class counts by rank, head class first; never above `available` unless n_max says so.
+
+    `available` is one count for every class or the per-class counts in rank order (head
+    first): then "none" keeps them as they are and "balanced" takes the smallest.
+    """
     c = num_classes
-    n_max = cfg.n_max or available
-    if cfg.name == "none":
-        counts = [n_max] * c
-    elif cfg.name == "exp":
+    per_class = list(available) if isinstance(available, list) else [available] * c
+    if cfg.name == "none":  # as it is (n_max > 0 caps every class)
+        return [min(a, cfg.n_max) if cfg.n_max else a for a in per_class]
+    if cfg.name == "balanced":
+        return [cfg.n_max or min(per_class)] * c
+    n_max = cfg.n_max or per_class[0]
+    if cfg.name == "exp":
         counts = [int(n_max * cfg.ratio ** (-i / max(c - 1, 1))) for i in range(c)]
     elif cfg.name == "step":
         n_head = max(1, round(c * cfg.head_fraction))
@@ -156,12 +197,19 @@ def make_splits(
                 f"data.val_per_class = {val_per_class} carved first; lower data.val_per_class"
             )
     available = [p.numel() for p in pools]
+    rank = class_rank(available, names, profile.class_order)
+
+    def by_class(ranked: list[int]) -> list[int]:
+        out = [0] * num_classes
+        for r, c in enumerate(rank):
+            out[c] = ranked[r]
+        return out
 
     if split.name == "counts":
-        lab = _signed_profile(split.labeled_head, split.labeled_ratio, num_classes)
-        unl = _signed_profile(split.unlabeled_head, split.unlabeled_ratio, num_classes)
+        lab = by_class(_signed_profile(split.labeled_head, split.labeled_ratio, num_classes))
+        unl = by_class(_signed_profile(split.unlabeled_head, split.unlabeled_ratio, num_classes))
     else:
-        total = profile_counts(profile, num_classes, min(available), seed)
+        total = by_class(profile_counts(profile, num_classes, [available[c] for c in rank], seed))
         if split.name == "supervised":
             lab, unl = total, [0] * num_classes
         elif split.name == "fraction":
@@ -170,7 +218,7 @@ def make_splits(
         else:  # multiple
             lab = total
             shape = (list(lab) if split.unlabeled_shape == "labeled"
-                     else _signed_profile(10**6, split.unlabeled_ratio, num_classes))
+                     else by_class(_signed_profile(10**6, split.unlabeled_ratio, num_classes)))
             scale = split.multiple * sum(lab) / sum(shape)
             unl = [int(round(s * scale)) for s in shape]
     need = [a + b for a, b in zip(lab, unl, strict=True)]
@@ -196,8 +244,27 @@ def make_splits(
         labeled.append(pool[:lab[c]])
         unlabeled.append(pool[lab[c]:need[c]])
         val.append(val_pools[c] if val_first else pool[need[c]:need[c] + val_per_class])
+    unlabeled.append((labels < 0).nonzero().flatten())  # images without a label
+    notes = _profile_notes(profile, split, names, rank, need, available) if (
+        profile.name != "none" or split.name == "counts") else []
     return Splits(torch.cat(labeled), torch.cat(unlabeled), torch.cat(val),
-                  notes=_val_notes([v.numel() for v in val], val_per_class, names))
+                  notes=notes + _val_notes([v.numel() for v in val], val_per_class, names))
+
+
+def _profile_notes(profile: ProfileCfg, split: SplitCfg, names: list[str], rank: list[int],
+                   need: list[int], available: list[int]) -> list[str]:
+    """Which class is the head of the built long tail, and a warning when it discards more than
+    half of the source's labelled images."""
+    how = "data.longtail.class_order" if profile.class_order else "most images, ties by name"
+    out = [f"long tail ({profile.name if split.name != 'counts' else 'counts split'}): head class "
+           f"'{names[rank[0]]}' ({need[rank[0]]} images), tail class '{names[rank[-1]]}' "
+           f"({need[rank[-1]]}); order: {how}"]
+    used, have = sum(need), sum(available)
+    if have and used < have / 2:
+        out.append(f"the {profile.name} profile keeps {used} of the source's {have} labelled "
+                   f"training images ({100 * used / have:.0f}%); longtail = {{ name = \"none\" }} "
+                   "uses them as they are")
+    return out
 
 
 def _val_notes(got: list[int], val_per_class: int, names: list[str]) -> list[str]:

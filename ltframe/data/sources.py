@@ -1,7 +1,11 @@
-"""Data sources: every source yields uint8 NCHW images (in memory or as files) and labels."""
+"""Data sources: every source yields uint8 NCHW images (in memory or as files) and labels.
+
+A training label of -1 marks an image without a label: it can only be in the unlabeled split.
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from dataclasses import dataclass, field
@@ -34,12 +38,62 @@ class FileImages:
         return decode_image(self.paths[index], self.size)
 
 
-Images = Tensor | FileImages
+class ConcatImages:
+    """Several image sets (tensors and/or files) indexed as one; decoded by index like
+    FileImages, so a store of them takes the file-backed (prefetching) path."""
+
+    def __init__(self, parts: list[Tensor | FileImages], size: int) -> None:
+        self.parts = parts
+        self.size = size
+        self.offsets = [0]
+        for part in parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def load(self, index: int) -> Tensor:
+        k = bisect.bisect_right(self.offsets, index) - 1
+        part = self.parts[k]
+        i = index - self.offsets[k]
+        return part[i] if isinstance(part, Tensor) else part.load(i)
+
+
+Images = Tensor | FileImages | ConcatImages
+
+
+def image_size(images: Images) -> int:
+    """The side of the (square) images a set delivers."""
+    return int(images.shape[-1]) if isinstance(images, Tensor) else int(images.size)
+
+
+def concat_images(parts: list[Images], names: list[str]) -> Images:
+    """One image set of `parts` (all of one size; `names` name them in errors)."""
+    parts = [p for p in parts if len(p)]
+    if len(parts) == 1:
+        return parts[0]
+    sizes = [image_size(p) for p in parts]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"{n} {s}px" for n, s in zip(names, sizes, strict=False))
+        raise DataError(f"image sets of different sizes ({listed}); set the sources' image_size "
+                        "to one size")
+    if all(isinstance(p, Tensor) for p in parts):
+        return torch.cat(parts)  # type: ignore[arg-type]
+    flat: list[Tensor | FileImages] = []
+    for p in parts:
+        flat.extend(p.parts if isinstance(p, ConcatImages) else [p])
+    return ConcatImages(flat, sizes[0])
 
 
 @dataclass
 class SourceData:
-    """What a source returns. Images are uint8 [N, 3, H, W] tensors or FileImages."""
+    """What a source returns. Images are uint8 [N, 3, H, W] tensors or FileImages.
+
+    `train_labels` is -1 for images without a label (they always go to the unlabeled split).
+    `hidden_labels` (default: `train_labels`) are the true labels known for diagnostics only,
+    -1 where unknown. `train_files` / `test_files` name the images (paths relative to the
+    source's root) where the source has files, for pseudo-label and prediction files.
+    """
 
     train_images: Images
     train_labels: Tensor
@@ -51,10 +105,19 @@ class SourceData:
     val_images: Images | None = None
     val_labels: Tensor | None = None
     info: dict = field(default_factory=dict)
+    hidden_labels: Tensor | None = None
+    train_files: list[str] | None = None
+    test_files: list[str] | None = None
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the run's log
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def hidden(self) -> Tensor:
+        """True training labels for diagnostics (-1: unknown)."""
+        return self.train_labels if self.hidden_labels is None else self.hidden_labels
 
 
 def decode_image(path: str, size: int | None) -> Tensor:
@@ -98,25 +161,100 @@ def stack_images(paths: list[str], size: int | None) -> Tensor:
     return out
 
 
-def scan_class_folders(root: Path, classes: list[str] | None = None) -> tuple[list[str], Tensor, list[str]]:
-    """root/<class>/<image> -> (paths, labels, classes); classes sorted unless given."""
+def walk_images(folder: Path) -> list[str]:
+    """Every image file under `folder`, recursively, sorted; hidden entries and non-regular
+    files (FIFOs, sockets, devices) are skipped."""
+    out: list[str] = []
+    stack = [str(folder)]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                subdirs.append(e.path)
+            elif e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS):
+                out.append(e.path)
+        stack.extend(reversed(subdirs))
+    return out
+
+
+def scan_class_folders(root: Path, classes: list[str] | None = None, *, test: bool = False,
+                       key: str = "") -> tuple[list[str], Tensor, list[str]]:
+    """root/<class>/<image> -> (paths, labels, classes); classes sorted unless given.
+
+    With `test=True` (a test set scanned with the training classes) a class folder that the
+    training set lacks, or an empty class folder, is an error naming the class. `key` is the
+    recipe key that names the folder, for messages.
+    """
+    where = f"{key} = {root}" if key else str(root)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; check the source's root")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+        raise DataError(f"data folder {where} does not exist; check the source's root"
+                        + (f" and {key}" if key else ""))
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if test and classes is not None:
+        extra = [c for c in found if c not in classes]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise DataError(f"{where}: test class '{extra[0]}'{more} is not a training class; "
+                            "remove it from the test set or add training images of that class")
     classes = classes or found
     missing = [c for c in classes if c not in found]
     if missing:
-        raise DataError(f"{root}: class folders missing: {', '.join(missing[:5])}")
+        raise DataError(f"{where}: class folders missing: {', '.join(missing[:5])}")
     paths, labels = [], []
     for idx, cls in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(root / cls)):
-            for f in sorted(files):
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(idx)
+        files = walk_images(root / cls)
+        if test and not files:
+            raise DataError(f"{where}: test class '{cls}' has no images; add test images of "
+                            "that class (its accuracy would count as 0)")
+        paths.extend(files)
+        labels.extend([idx] * len(files))
     if not paths:
-        raise DataError(f"{root}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(f"{where}: no images found (extensions {', '.join(IMG_EXTENSIONS)})")
     return paths, torch.tensor(labels, dtype=torch.long), classes
+
+
+def relative_names(paths: list[str], root: Path) -> list[str]:
+    """`paths` relative to `root` (as given where a path lies elsewhere)."""
+    base = os.path.abspath(root)
+    out = []
+    for p in paths:
+        rel = os.path.relpath(os.path.abspath(p), base)
+        out.append(p if rel.startswith("..") else rel)
+    return out
+
+
+def image_stats(images: Images, limit: int = 2000) -> tuple[tuple[float, float, float],
+                                                           tuple[float, float, float], int]:
+    """Per-channel mean and std (0..1 scale) of `images` (file-backed: `limit` of them, evenly
+    spaced) and how many images they were computed from."""
+    n = len(images)
+    if n == 0:
+        return (0.5,) * 3, (0.5,) * 3, 0  # type: ignore[return-value]
+    pick = range(n) if n <= limit or isinstance(images, Tensor) else (
+        (i * n) // limit for i in range(limit))
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    if isinstance(images, Tensor):
+        batches = (images[i:i + 4096] for i in range(0, n, 4096))
+    else:
+        batches = (images.load(i)[None] for i in pick)
+    count = 0
+    for x in batches:
+        x = x.double() / 255
+        total += x.sum((0, 2, 3))
+        squares += x.pow(2).sum((0, 2, 3))
+        pixels += x.shape[0] * x.shape[2] * x.shape[3]
+        count += x.shape[0]
+    mean = total / pixels
+    std = (squares / pixels - mean.pow(2)).clamp_min(1e-6).sqrt()
+    return (tuple(round(float(v), 4) for v in mean),  # type: ignore[return-value]
+            tuple(round(float(v), 4) for v in std), count)
 
 
 def load_images(paths: list[str], size: int, in_memory: bool | None) -> Images:
@@ -134,11 +272,13 @@ def load_cifar(root: str, num_classes: int, download: bool) -> SourceData:
     if (base / "train").is_dir() and (base / "test").is_dir():
         classes = CIFAR10_CLASSES if num_classes == 10 else None
         tr_paths, tr_labels, classes = scan_class_folders(base / "train", classes)
-        te_paths, te_labels, _ = scan_class_folders(base / "test", classes)
+        te_paths, te_labels, _ = scan_class_folders(base / "test", classes, test=True)
         if len(classes) != num_classes:
             raise DataError(f"{base}: found {len(classes)} class folders, expected {num_classes}")
         return SourceData(stack_images(tr_paths, 32), tr_labels, stack_images(te_paths, 32),
-                          te_labels, list(classes), *stats, info={"layout": "image folders"})
+                          te_labels, list(classes), *stats, info={"layout": "image folders"},
+                          train_files=relative_names(tr_paths, base),
+                          test_files=relative_names(te_paths, base))
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if num_classes == 10 else datasets.CIFAR100

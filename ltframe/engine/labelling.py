@@ -65,7 +65,7 @@ def label_pool(trainer: Any, plan: StagePlan, model: torch.nn.Module) -> dict:
     sel: PoolLabels = labeler.label_pool(pool)
     trainer.table.apply(sel.index, sel.targets, sel.weight)
     if dist.is_main():
-        _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel)
+        _write(run.run_dir / "pseudo_labels", f"stage{plan.index}-{plan.name}", sel, d)
     ev = trainer.recipe.eval
     groups = group_masks(counts.cpu(), ev.many_threshold, ev.few_threshold, ev.groups, ev.rank_sizes)
     diag = diagnostics(sel, trainer.hidden.cpu(), trainer.table, d.num_classes, pool, groups)
@@ -80,30 +80,55 @@ def diagnostics(sel: PoolLabels, hidden: Tensor, table: Any, num_classes: int,
     also per class group (`groups`: name -> class mask; the pool's samples of those classes)."""
     unl = table.pseudo
     true, pl = hidden[unl], table.labels[unl]
-    confusion = torch.bincount(true * num_classes + pl, minlength=num_classes ** 2)
+    known = true >= 0  # images without a known label are left out of every comparison
+    confusion = torch.bincount(true[known] * num_classes + pl[known], minlength=num_classes ** 2)
     out = pseudo_label_metrics(confusion.view(num_classes, num_classes))
     out["pl_selected"] = torch.bincount(pl, minlength=num_classes).tolist()
     is_unl = ~torch.isin(pool.index, table.labeled)  # unlabeled members of the pool
     if is_unl.any():
         arg = pool.probs[is_unl].argmax(1)
         truth = hidden[pool.index[is_unl]]
-        hit = (arg == truth).float()
-        out["pool_accuracy"] = round(100.0 * float(hit.mean()), 4)
+        have = truth >= 0
+        out.update(hidden_label_note(int(have.sum()), int(have.numel())))
+        hit = (arg[have] == truth[have]).float()
+        out["pool_accuracy"] = round(100.0 * float(hit.mean()), 4) if have.any() else None
         if groups:
-            member = {k: m[truth] for k, m in groups.items()}
+            member = {k: m[truth[have]] for k, m in groups.items()}
             out["pool_group_accuracy"] = {k: round(100.0 * float(hit[m].mean()), 4) if m.any() else None
                                           for k, m in member.items()}
         out["pool_predicted"] = torch.bincount(arg, minlength=num_classes).tolist()
     return out
 
 
-def _write(folder: Path, stem: str, sel: PoolLabels) -> None:
+def csv_field(text: str) -> str:
+    """`text` as one CSV field (quoted when it holds a comma, quote or line break)."""
+    if any(ch in text for ch in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def hidden_label_note(known: int, total: int) -> dict:
+    """{"hidden_labels": ...} saying how far diagnostics against hidden labels are available:
+    nothing when every image has a label, "not available" when none has."""
+    if known == total:
+        return {}
+    return {"hidden_labels": "not available" if known == 0 else f"known for {known} of {total}"}
+
+
+def _write(folder: Path, stem: str, sel: PoolLabels, data: Any) -> None:
+    """The selection as CSV: training-set index, pseudo-label, weight, confidence and, where the
+    source has files, which source the image is from and its path relative to that root."""
     soft = sel.targets.dim() == 2
     hard = sel.targets.argmax(1) if soft else sel.targets
     conf = sel.confidence if sel.confidence is not None else torch.full_like(sel.weight, float("nan"))
-    rows = "".join(f"{i},{y},{w:.6g},{c:.6g}\n" for i, y, w, c in zip(
-        sel.index.tolist(), hard.tolist(), sel.weight.tolist(), conf.tolist(), strict=True))
-    atomic_write_text(folder / f"{stem}.csv", "index,label,weight,confidence\n" + rows)
+    files = data.source.train_files is not None
+    rows = []
+    for i, y, w, c in zip(sel.index.tolist(), hard.tolist(), sel.weight.tolist(), conf.tolist(),
+                          strict=True):
+        named = ",".join(csv_field(v) for v in data.file_name(i)) + "," if files else ""
+        rows.append(f"{i},{named}{y},{w:.6g},{c:.6g}\n")
+    head = "index,from,file,label,weight,confidence\n" if files else "index,label,weight,confidence\n"
+    atomic_write_text(folder / f"{stem}.csv", head + "".join(rows))
     if soft:
         atomic_write_bytes(folder / f"{stem}.safetensors",
                            st_save({"index": sel.index.contiguous(),

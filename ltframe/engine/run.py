@@ -30,6 +30,7 @@ from ltframe.engine.trainer import Trainer, check_plan_data
 from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterrupted
 from ltframe.eval.metrics import group_classes
 from ltframe.models import LTModel
+from ltframe.models.weights import apply_start_weights, describe_weights
 from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
 from ltframe.predict import source_info
 from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
@@ -191,6 +192,7 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         recipe = load_recipe(recipe_path, registry, overrides)
     check_out_dir(out_dir or recipe.run.out_dir, "--out" if out_dir else "run.out_dir")
     run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
+    weights = apply_start_weights(run.model, recipe.model)  # [model] weights / pretrained
     preflight(run)
     _build_loggers(run)
     # rank 0 makes the run directory; every rank uses it
@@ -202,13 +204,17 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
                      else f"run directory: {run_dir}")
     for line in run.data.notes:
         reporter.message(line)
+    if weights is not None:
+        reporter.message(describe_weights(weights))
     if run.is_main:
         write_run_files(run_dir, recipe, plugin_versions(pm),
                         {"smoke": smoke, "blocked": sorted(block or []),
                          "recipe": str(recipe_path) if recipe_path else None,
                          "overrides": list(overrides or []),
                          "world_size": run.world_size,
-                         "source_info": source_info(run)})  # for `ltframe predict`
+                         "source_info": source_info(run),  # for `ltframe predict`
+                         "weights": weights,  # the starting weights: path, sha256, loaded, skipped
+                         "data": {"counts": run.data.counts(), "notes": run.data.notes}})
         save_splits(run.data, run_dir)
     dist.barrier()
     return _guarded(run_dir, lambda: _execute(run, reporter, None))

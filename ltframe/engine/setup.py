@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ltframe.data.bundle import DataBundle, build_bundle
+from ltframe.data.sources import image_size
 from ltframe.engine.checkpoint import atomic_write_json, atomic_write_text
 from ltframe.errors import LtframeError, RecipeError
 from ltframe.models import LTModel, build_backbone
@@ -116,7 +117,11 @@ def read_run_meta(run_dir: Path) -> dict[str, Any]:
 def build_data(recipe: Recipe, registry: Registry, device: torch.device,
                smoke: bool) -> DataBundle:
     source = registry.build(recipe.data.source, seed=recipe.run.seed)
-    return build_bundle(source, recipe.data, recipe.run.seed, device, smoke=smoke)
+    extra = None
+    if recipe.data.unlabeled is not None:
+        extra = registry.build(recipe.data.unlabeled, seed=recipe.run.seed, unlabeled=True,
+                               image_size=image_size(source.train_images))
+    return build_bundle(source, recipe.data, recipe.run.seed, device, smoke=smoke, unlabeled=extra)
 
 
 def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> LTModel:

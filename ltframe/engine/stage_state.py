@@ -40,7 +40,9 @@ class Accumulators:
         """Diagnostics only: pseudo-labels of the selected samples against hidden labels
         (index_add_, not bincount, which syncs with the host on CUDA)."""
         pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
-        self.confusion.index_add_(0, true * self.num_classes + pl, (pseudo.mask > 0).float())
+        known = true >= 0  # images without a known label are left out
+        self.confusion.index_add_(0, true.clamp_min(0) * self.num_classes + pl,
+                                  ((pseudo.mask > 0) & known).float())
 
     def state_tensors(self) -> dict[str, Tensor]:
         """What a mid-interval checkpoint needs so that a resumed run logs the same means."""

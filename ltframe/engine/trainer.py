@@ -82,7 +82,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.images_per_s: float | None = None
         # true labels of the training pool: pseudo-label diagnostics only, never a training target
-        self.hidden = run.data.source.train_labels.to(self.device)
+        self.hidden = run.data.hidden_labels.to(self.device)  # -1: unknown
+        self.unknown_hidden = bool((run.data.hidden_unlabeled_labels < 0).any())
         # every training label comes from this table (labeled: true labels; pseudo: selected)
         d = run.data
         self.table = TargetTable(len(d.train), d.num_classes, d.splits.labeled, d.labeled_labels)
@@ -522,8 +523,11 @@ class Trainer:
             metrics = self._record_eval(st.plan, st.eval_model(self.model), epoch, done)
         if self.dist.world_size > 1:
             st.acc.confusion = dist.all_sum(st.acc.confusion)
-        if st.labeler is not None and st.acc.confusion.sum() > 0:
+        if st.labeler is not None and (st.acc.confusion.sum() > 0 or self.unknown_hidden):
             plm = pseudo_label_metrics(st.acc.confusion.view(n, n))
+            if self.unknown_hidden:  # some unlabeled images have no label to compare with
+                plm["hidden_labels"] = ("not available" if plm["pl_count"] == 0 else
+                                        "only over unlabeled images with a known label")
             self.log("pseudo_labels", stage=st.plan.name, epoch=epoch, **plm)
             metrics.update(plm)
             st.online = plm
@@ -574,10 +578,16 @@ class Trainer:
             return
         from safetensors.torch import save as st_save
 
-        data = st_save({"pred": self.last_predictions.long().contiguous(),
-                        "label": self.data.test_labels.cpu().long().contiguous()})
-        ckpt.atomic_write_bytes(self.run.run_dir / "predictions" /
-                                f"stage{plan.index}-{plan.name}.safetensors", data)
+        from ltframe.engine.labelling import csv_field
+
+        pred, label = self.last_predictions.long().cpu(), self.data.test_labels.cpu().long()
+        data = st_save({"pred": pred.contiguous(), "label": label.contiguous()})
+        stem = self.run.run_dir / "predictions" / f"stage{plan.index}-{plan.name}"
+        ckpt.atomic_write_bytes(stem.parent / f"{stem.name}.safetensors", data)
+        files = self.data.test_files
+        rows = "".join(f"{i},{csv_field(files[i]) if files else ''},{y},{p}\n"
+                       for i, (y, p) in enumerate(zip(label.tolist(), pred.tolist(), strict=True)))
+        ckpt.atomic_write_text(stem.parent / f"{stem.name}.csv", "index,file,label,pred\n" + rows)
 
     def _kept(self) -> str:
         return (f"the last good checkpoint {self.last_checkpoint} is kept"
