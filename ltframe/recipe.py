@@ -65,6 +65,10 @@ class ModelCfg:
     backbone_args: dict[str, Any] = field(default_factory=dict)
     heads: dict[str, ComponentSpec] = _c("head", factory=lambda: {"main": "linear"})
     eval_head: str = "main"
+    # starting weights, applied when a run starts (resume restores its checkpoint instead):
+    # a .safetensors file (.pth/.pt/.bin: torch.load(weights_only=True)) or a finished run dir
+    weights: str = ""
+    pretrained: bool = False  # timm's published weights for the backbone (hub cache / download)
 
 
 @dataclass
@@ -351,8 +355,11 @@ def _check_backbone_args(args: dict[str, Any]) -> None:
     for key in args:
         if key in _FILE_ARGS or key.endswith(("_path", "_file", "_url")):
             raise RecipeError(f"model.backbone_args.{key}: ltframe does not hand file paths or "
-                              "URLs to timm's loaders; remove it (pretrained = true fetches "
-                              "timm's published safetensors weights)")
+                              "URLs to timm's loaders; remove it (model.weights = \"PATH\" reads "
+                              "a local file, model.pretrained = true timm's published weights)")
+        if key == "pretrained":
+            raise RecipeError("model.backbone_args.pretrained: use model.pretrained = true "
+                              "(applied when a run starts; resume restores its checkpoint)")
 
 
 def load_recipe(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = ["WideResNet", "ResNetCifar", "wrn28_2", "wrn28_8", "resnet32_cifar"]
 
@@ -150,19 +150,34 @@ class ResNetCifar(_TimmClassifierMixin):
         return self.layers(F.relu(self.bn1(self.conv1(x))))
 
 
+def _cfg() -> dict:
+    """No published weights; `pretrained=True, pretrained_cfg_overlay=dict(file=...)` loads a
+    local file (e.g. one written by `ltframe export`) through timm's own loader."""
+    return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "first_conv": "conv1",
+            "classifier": "fc", "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)}
+
+
+default_cfgs = generate_default_cfgs({"wrn28_2": _cfg(), "wrn28_8": _cfg(),
+                                      "resnet32_cifar": _cfg()})
+
+
+def _build(cls: type, variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    return build_model_with_cfg(cls, variant, pretrained, **kwargs)
+
+
 @register_model
 def wrn28_2(pretrained: bool = False, **kwargs) -> WideResNet:
     """WRN-28-2 (1.5M parameters), the FixMatch/CReST/BMB CIFAR backbone."""
-    return WideResNet(depth=28, width=2, **kwargs)
+    return _build(WideResNet, "wrn28_2", pretrained, depth=28, width=2, **kwargs)
 
 
 @register_model
 def wrn28_8(pretrained: bool = False, **kwargs) -> WideResNet:
     """WRN-28-8, the wider FixMatch backbone for CIFAR-100."""
-    return WideResNet(depth=28, width=8, **kwargs)
+    return _build(WideResNet, "wrn28_8", pretrained, depth=28, width=8, **kwargs)
 
 
 @register_model
 def resnet32_cifar(pretrained: bool = False, **kwargs) -> ResNetCifar:
     """ResNet-32 for CIFAR (LDAM-DRW, paper 001)."""
-    return ResNetCifar(depth=32, **kwargs)
+    return _build(ResNetCifar, "resnet32_cifar", pretrained, depth=32, **kwargs)
