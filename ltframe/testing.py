@@ -50,6 +50,28 @@ def write_image_folder(root: Path, classes: list[str], per_class: int, size: int
             Image.fromarray(arr.numpy()).save(root / cls / f"{i:04d}.{ext}")
 
 
+OWN_COUNTS = {"zebra": 24, "ant": 12, "cat": 6, "dog": 3}  # the head class sorts last by name
+
+
+def write_own_data(root: Path, size: int = 12) -> Path:
+    """A user's own data: root/train/<class> with its own long tail (`OWN_COUNTS`, one image
+    grayscale), root/test/<class> (2 each), root/unl/ with flat and nested unlabeled images of
+    two sizes and a FIFO (which must be skipped)."""
+    import os
+
+    from PIL import Image
+
+    for k, (cls, n) in enumerate(OWN_COUNTS.items()):
+        write_image_folder(root / "train", [cls], n, size, seed=k)
+        write_image_folder(root / "test", [cls], 2, size, seed=10 + k)
+    gray = root / "train" / "ant" / "0000.png"
+    Image.open(gray).convert("L").save(gray)
+    write_image_folder(root / "unl", ["."], 5, size + 4, seed=20)  # flat, another size
+    write_image_folder(root / "unl" / "deep", ["er"], 4, size, seed=21, ext="jpg")  # nested
+    os.mkfifo(root / "unl" / "fifo.png")
+    return root
+
+
 def write_cifar_folder(root: Path, per_class_train: int = 6, per_class_test: int = 2) -> Path:
     """A tiny CIFAR-10 image export (train/<class>/, test/<class>/) under `root`."""
     from ltframe.data.sources import CIFAR10_CLASSES

@@ -3,7 +3,6 @@ without labels (folder, list lines without a label, npz x_unlabeled), counts pri
 recorded, diagnostics only where labels exist, file names in the CSVs."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +14,10 @@ from ltframe.data.bundle import build_bundle
 from ltframe.data.longtail import ProfileCfg, SplitCfg, make_splits
 from ltframe.errors import DataError, RecipeError
 from ltframe.recipe import DataCfg
-from ltframe.testing import write_image_folder
+from ltframe.testing import OWN_COUNTS, write_image_folder, write_own_data
 
 CPU = torch.device("cpu")
-COUNTS = {"zebra": 24, "ant": 12, "cat": 6, "dog": 3}  # the head sorts last by name
-
-
-def write_own_data(root: Path, size: int = 12) -> Path:
-    """root/train/<class> with its own long tail (some images grayscale), root/test/<class>,
-    root/unl/ with flat and nested unlabeled images (and a FIFO that must be skipped)."""
-    from PIL import Image
-
-    for k, (cls, n) in enumerate(COUNTS.items()):
-        write_image_folder(root / "train", [cls], n, size, seed=k)
-        write_image_folder(root / "test", [cls], 2, size, seed=10 + k)
-    Image.open(root / "train" / "ant" / "0000.png").convert("L").save(root / "train" / "ant" / "0000.png")
-    write_image_folder(root / "unl", ["."], 5, size + 4, seed=20)  # flat, another size
-    write_image_folder(root / "unl" / "deep", ["er"], 4, size, seed=21, ext="jpg")  # nested
-    os.mkfifo(root / "unl" / "fifo.png")
-    return root
+COUNTS = OWN_COUNTS  # the head sorts last by name
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ltframe import start_run
-from ltframe.testing import write_cifar_folder, write_image_folder, write_list_dataset
+from ltframe.testing import write_cifar_folder, write_image_folder, write_list_dataset, write_own_data
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
@@ -31,11 +31,20 @@ def list_root(tmp_path_factory):
     return write_list_dataset(tmp_path_factory.mktemp("listfile"))
 
 
+@pytest.fixture(scope="module")
+def own_root(tmp_path_factory):  # a user's own long-tailed folder and unlabeled images
+    return write_own_data(tmp_path_factory.mktemp("own"), size=32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_recipe_smoke(recipe, tmp_path, cifar_root, cifar100_root, list_root):
+def test_recipe_smoke(recipe, tmp_path, cifar_root, cifar100_root, list_root, own_root):
     overrides = []
     text = recipe.read_text()
+    if 'name = "imagefolder"' in text or "own_folder.toml" in text:
+        overrides += [f"data.source.root={own_root}", "data.source.image_size=32"]
+    if 'name = "folder"' in text:
+        overrides.append(f"data.unlabeled.root={own_root / 'unl'}")
     if 'name = "cifar100"' in text:
         overrides.append(f"data.source.root={cifar100_root}")
     elif 'name = "cifar' in text:
