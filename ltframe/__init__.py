@@ -22,6 +22,7 @@ _LAZY: dict[str, str] = {
     "StepContext": "ltframe.engine.context",
     "evaluate_checkpoint": "ltframe.engine.run",
     "hookimpl": "ltframe.hookspecs",
+    "load_model": "ltframe.export",
     "load_recipe": "ltframe.recipe",
     "make_plugin_manager": "ltframe.plugins",
     "resume_run": "ltframe.engine.run",
@@ -37,6 +38,7 @@ __all__ = [
     "StepContext",
     "evaluate_checkpoint",
     "hookimpl",
+    "load_model",
     "load_recipe",
     "make_plugin_manager",
     "resume_run",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real names
     from ltframe.engine.context import PseudoLabels, StepContext
     from ltframe.engine.run import evaluate_checkpoint, resume_run, start_run
     from ltframe.errors import LtframeError
+    from ltframe.export import load_model
     from ltframe.hookspecs import hookimpl
     from ltframe.plugins import make_plugin_manager
     from ltframe.recipe import Recipe, load_recipe

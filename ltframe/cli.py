@@ -1,4 +1,4 @@
-"""Command line: ltframe run | resume | eval | show | plugins | components.
+"""Command line: ltframe run | resume | eval | export | show | plugins | components.
 
 Start-up stays light: only click and rich are imported at module level; the engine (torch,
 timm, torchvision) is imported inside the commands that need it, so `ltframe --help` answers
@@ -354,19 +354,57 @@ def report(run_dirs: tuple[str, ...], out_dir: str) -> None:
 @click.argument("target", type=click.Path())
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change an [eval] value, e.g. --set eval.posthoc_tau=[0,1] (repeatable).")
+@click.option("--data", "data", default=None, metavar="FOLDER",
+              help="Evaluate the finished run TARGET on FOLDER/<class>/<images> instead "
+                   "(classes matched by name to the run's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def eval_cmd(target: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Evaluate a run directory (latest checkpoint) or a checkpoint file on the test set."""
+def eval_cmd(target: str, overrides: tuple[str, ...], data: str | None, as_json: bool) -> None:
+    """Evaluate a run directory (latest checkpoint) or a checkpoint file on the test set, or
+    a finished run on another labelled folder (--data)."""
     import json
 
-    from ltframe.engine.run import evaluate_checkpoint
+    if data is not None:
+        from ltframe.predict import evaluate_folder
 
-    metrics = evaluate_checkpoint(target, list(overrides))
+        metrics = evaluate_folder(target, data, list(overrides))
+        title = f"{data} ({metrics['images']} images), top-1 %"
+    else:
+        from ltframe.engine.run import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(target, list(overrides))
+        title = "balanced test set, top-1 %"
     if as_json:
         click.echo(json.dumps(metrics))
     else:
         out.print(metrics["checkpoint"], highlight=False)
-        out.print(results_table(metrics, "balanced test set, top-1 %"))
+        out.print(results_table(metrics, title))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", "out_file", required=True, metavar="FILE",
+              help="Writes FILE.safetensors and FILE.json.")
+@click.option("--tau", type=float, default=None,
+              help="Post-hoc adjustment folded in (default: the run's first eval.posthoc_tau).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "timm", "ltframe"]), default="auto",
+              show_default=True, help="timm: a plain timm model (heads linear in the features); "
+                                      "ltframe: keep the ltframe head.")
+def export(run_dir: str, out_file: str, tau: float | None, fmt: str) -> None:
+    """Export the finished run RUN_DIR's model: safetensors + JSON (classes, input size,
+    mean/std, training prior, tau), loadable with timm or ltframe.load_model."""
+    from ltframe.export import export_run
+
+    meta = export_run(run_dir, out_file, tau, fmt)
+    for f in meta["files"]:
+        out.print(f, highlight=False)
+    if meta["format"] == "timm":
+        kw = dict(meta["timm"])
+        name = kw.pop("model_name")
+        args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+        out.print(f"timm.create_model({name!r}, {args})", highlight=False, soft_wrap=True)
+    else:
+        out.print(f"ltframe.load_model({meta['files'][0]!r})  ({meta['reason']})",
+                  highlight=False, soft_wrap=True)
 
 
 @main.command()

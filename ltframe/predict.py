@@ -1,6 +1,8 @@
 """Classify image files with a finished run (`ltframe predict`): the run's evaluation head of
 its final weights, with the post-hoc logit adjustment it was evaluated with (the first
-`eval.posthoc_tau`, prior = the final stage's training class counts)."""
+`eval.posthoc_tau`, prior = the final stage's training class counts); `evaluate_folder`
+(`ltframe eval RUN --data FOLDER`) scores it on another labelled folder. The model is the one
+`ltframe.load_model(RUN_DIR)` returns (ltframe/export.py)."""
 
 from __future__ import annotations
 
@@ -42,45 +44,78 @@ def source_info(run: Any) -> dict[str, Any]:
 def predict_files(run_dir: str | Path, items: list[str | Path], top_k: int = 5,
                   batch_size: int = 64) -> list[dict[str, Any]]:
     """[{file, top: [{class, index, prob}, ...]}] for every image of `items`."""
-    from ltframe.compare import load_summary
-    from ltframe.data.views import NoneParams, NoneView
-    from ltframe.engine import checkpoint as ckpt
-    from ltframe.engine.run import _prepare, load_run
-    from ltframe.engine.setup import build_model, pick_device
-    from ltframe.eval.evaluate import adjust_logits
+    from ltframe.export import load_run_classifier
 
-    run_dir = Path(run_dir)
-    summary = load_summary(run_dir)
-    recipe, meta, pm, registry = load_run(run_dir)
-    info = meta.get("source_info")
-    if info is None:  # runs from before run.json recorded it: build the source once
-        info = source_info(_prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke"))))
-    classes = info["classes"]
-    tensors, side, _ = ckpt.load(run_dir)
-    device = pick_device(recipe.run.device)
-    model = build_model(recipe, registry, len(classes)).to(device)
-    prefix = "ema" if side.get("ema") and side.get("step", 0) > 0 else "model"
-    ckpt.load_module_state(model, tensors, prefix, str(run_dir))
-    model.eval()
-    final = (summary.get("stages") or [{}])[-1]
-    head = final.get("eval_head") or recipe.model.eval_head
-    tau = recipe.eval.posthoc_tau
-    tau = float(tau[0] if isinstance(tau, list) else tau)
-    prior = torch.tensor(final.get("train_counts") or summary.get("labeled_counts"))
+    model = load_run_classifier(run_dir)[0]  # the same model `ltframe.load_model` returns
+    classes = model.classes
     files = image_files(items)
-    view = NoneView(NoneParams(), tuple(info["mean"]), tuple(info["std"]))
     k = max(1, min(top_k, len(classes)))
     out: list[dict[str, Any]] = []
-    with torch.no_grad():
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            x = torch.stack([decode_image(str(f), info["image_size"]) for f in chunk]).to(device)
-            logits = model(view(x))[1][head].float().cpu()
-            probs = adjust_logits(logits, prior, tau).softmax(1)
-            p, idx = probs.topk(k, dim=1)
-            for f, pr, ix in zip(chunk, p.tolist(), idx.tolist(), strict=True):
-                out.append({"file": str(f), "top": [{"class": classes[i], "index": i, "prob": q}
-                                                    for q, i in zip(pr, ix, strict=True)]})
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        x = torch.stack([decode_image(str(f), model.image_size) for f in chunk])
+        probs = model.predict_proba(x).cpu()
+        p, idx = probs.topk(k, dim=1)
+        for f, pr, ix in zip(chunk, p.tolist(), idx.tolist(), strict=True):
+            out.append({"file": str(f), "top": [{"class": classes[i], "index": i, "prob": q}
+                                                for q, i in zip(pr, ix, strict=True)]})
     if not out:
         raise LtframeError("no images to classify")
     return out
+
+
+def folder_images(root: str | Path, classes: list[str]) -> tuple[list[Path], torch.Tensor]:
+    """root/<class>/<images> -> (files, labels as indices of `classes`); every class folder
+    must be one of `classes` (a subset is fine)."""
+    from ltframe.errors import closest
+
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise DataError(f"--data {root}: no such folder; give a folder of <class>/<images> folders")
+    found = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"--data {root}: no class folders; the layout is {root}/<class>/<images>")
+    unknown = [c for c in found if c not in classes]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DataError(f"--data {root}: class '{unknown[0]}'{more} is not one of the run's "
+                        f"{len(classes)} classes{closest(unknown[0], classes)}; rename or remove "
+                        "that folder (classes are matched by name)")
+    files: list[Path] = []
+    labels: list[int] = []
+    for cls in found:
+        got = image_files([base / cls])
+        files += got
+        labels += [classes.index(cls)] * len(got)
+    return files, torch.tensor(labels, dtype=torch.long)
+
+
+def evaluate_folder(run_dir: str | Path, root: str | Path,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """A finished run's metrics on another labelled folder (root/<class>/<images>, classes
+    matched by name); `overrides` may change [eval] values (posthoc_tau, groups, ...)."""
+    from ltframe.errors import RecipeError
+    from ltframe.eval.evaluate import evaluate_logits
+    from ltframe.export import load_run_classifier
+
+    for item in overrides or []:
+        if not item.strip().startswith("eval."):
+            raise RecipeError(f"ltframe eval --set {item}: only [eval] values can change without "
+                              "retraining (e.g. --set eval.posthoc_tau=1)")
+    model, recipe, summary = load_run_classifier(run_dir, overrides, tau=0.0)
+    files, labels = folder_images(root, model.classes)
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(files), recipe.eval.batch_size):
+            chunk = files[start:start + recipe.eval.batch_size]
+            x = torch.stack([decode_image(str(f), model.image_size) for f in chunk])
+            dev = model.log_prior.device
+            logits.append(model(model.preprocess(x.to(dev))).float().cpu())
+    e = recipe.eval
+    counts = torch.tensor(summary["labeled_counts"])
+    metrics = evaluate_logits(torch.cat(logits), labels, counts, e.many_threshold, e.few_threshold,
+                              e.posthoc_tau, torch.tensor(model.prior).long(), e.groups,
+                              e.rank_sizes)
+    metrics.update(data=str(root), images=len(files), run_dir=str(run_dir),
+                   checkpoint=model.info["checkpoint"])
+    return metrics

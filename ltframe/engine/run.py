@@ -30,7 +30,7 @@ from ltframe.engine.trainer import Trainer, check_plan_data
 from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterrupted
 from ltframe.eval.metrics import group_classes
 from ltframe.models import LTModel
-from ltframe.models.weights import apply_start_weights, describe_weights
+from ltframe.models.weights import apply_start_weights, check_start_weights, describe_weights
 from ltframe.plugins import PluginManager, make_plugin_manager, plugin_versions
 from ltframe.predict import source_info
 from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
@@ -191,6 +191,7 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
             raise LtframeError("start_run needs a recipe path or a Recipe")
         recipe = load_recipe(recipe_path, registry, overrides)
     check_out_dir(out_dir or recipe.run.out_dir, "--out" if out_dir else "run.out_dir")
+    check_start_weights(recipe.model)  # a missing file or unreachable hub fails before the data
     run = _prepare(recipe, pm, registry, Path(), smoke)  # bad data fails before any file is made
     weights = apply_start_weights(run.model, recipe.model)  # [model] weights / pretrained
     preflight(run)

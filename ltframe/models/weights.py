@@ -247,7 +247,7 @@ def match_weights(model: nn.Module, tensors: dict[str, Tensor], eval_head: str =
         name = arch.get("architecture", type(model.backbone).__name__) if isinstance(arch, dict) \
             else type(model.backbone).__name__
         raise RecipeError(f"{key}: {source} does not fit the backbone {name} ({detail}); {_FIX}")
-    return loaded, skipped
+    return loaded, sorted(skipped)
 
 
 def load_weights(model: nn.Module, path: str | Path, eval_head: str = "main",
@@ -324,10 +324,9 @@ def _cached_url_file(url: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def pretrained_backbone(name: str, backbone_args: dict[str, Any]) -> tuple[nn.Module, dict]:
-    """timm's backbone `name` (num_classes=0) with its published weights, and the record
-    {pretrained, path, sha256}; fails in seconds with one line when they cannot be had."""
-    import timm
+def _pretrained_source(name: str) -> tuple[str, str | None, dict[str, Any], Any]:
+    """(where, cached file or None, pretrained_cfg_overlay, cfg) of timm's weights for `name`;
+    raises the one-line error when they are neither cached nor reachable."""
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(name)
@@ -338,22 +337,30 @@ def pretrained_backbone(name: str, backbone_args: dict[str, Any]) -> tuple[nn.Mo
                           ".safetensors file")
     where = hub or url
     path = _cached_hub_file(cfg) if hub else _cached_url_file(url)
-    overlay: dict[str, Any] = {}
     if path is not None:  # from the cache: no network at all
-        overlay = {"file": path}
+        overlay: dict[str, Any] = {"file": path}
         if hub and cfg.custom_load is True:  # the hub holds a plain state dict
             overlay["custom_load"] = False
-    else:
-        endpoint = url if not hub else _endpoint()
-        cache = f"the hub cache ({_hub_cache()})" if hub else f"torch's cache ({torch.hub.get_dir()})"
-        offline = hub and _offline()
-        if offline or not _reachable(endpoint):
-            why = "HF_HUB_OFFLINE is set" if offline else f"{urlparse(endpoint).hostname} cannot be reached"
-            raise RecipeError(f"model.pretrained: timm's weights for {name} ({where}) are not in "
-                              f"{cache} and {why}; download them where there is network (e.g. "
-                              f"python -c \"import timm; timm.create_model('{name}', "
-                              "pretrained=True)\" with the same HF_HOME), or set model.weights = "
-                              "\"PATH\" to a local .safetensors file")
+        return where, path, overlay, cfg
+    endpoint = url if not hub else _endpoint()
+    cache = f"the hub cache ({_hub_cache()})" if hub else f"torch's cache ({torch.hub.get_dir()})"
+    offline = hub and _offline()
+    if offline or not _reachable(endpoint):
+        why = "HF_HUB_OFFLINE is set" if offline else f"{urlparse(endpoint).hostname} cannot be reached"
+        raise RecipeError(f"model.pretrained: timm's weights for {name} ({where}) are not in "
+                          f"{cache} and {why}; download them where there is network (e.g. "
+                          f"python -c \"import timm; timm.create_model('{name}', "
+                          "pretrained=True)\" with the same HF_HOME), or set model.weights = "
+                          "\"PATH\" to a local .safetensors file")
+    return where, None, {}, cfg
+
+
+def pretrained_backbone(name: str, backbone_args: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """timm's backbone `name` (num_classes=0) with its published weights, and the record
+    {pretrained, path, sha256}; fails in seconds with one line when they cannot be had."""
+    import timm
+
+    where, path, overlay, cfg = _pretrained_source(name)
     kwargs = {k: v for k, v in backbone_args.items() if k != "pretrained"}
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0,
@@ -366,9 +373,25 @@ def pretrained_backbone(name: str, backbone_args: dict[str, Any]) -> tuple[nn.Mo
                           f"({type(exc).__name__}: {msg}); retry where the hub can be reached, or "
                           "set model.weights = \"PATH\" to a local .safetensors file") from None
     if path is None:
-        path = _cached_hub_file(cfg) if hub else _cached_url_file(url)
+        path = _cached_hub_file(cfg) if cfg.hf_hub_id else _cached_url_file(cfg.url)
     return model, {"pretrained": where, "path": path,
                    "sha256": sha256_file(path) if path else None}
+
+
+def check_start_weights(model_cfg: Any) -> None:
+    """Before any data is loaded: `weights` and `pretrained` exclusive, the file there, timm's
+    weights cached or reachable (one-line errors, in seconds)."""
+    if model_cfg.weights and model_cfg.pretrained:
+        raise RecipeError("model.weights and model.pretrained are both set; keep one (weights "
+                          "= \"PATH\" replaces timm's published weights)")
+    if model_cfg.pretrained:
+        _pretrained_source(model_cfg.backbone)
+    elif model_cfg.weights:
+        p = Path(model_cfg.weights).expanduser()
+        if not p.exists():
+            raise RecipeError(f"model.weights: {model_cfg.weights} does not exist; give a "
+                              ".safetensors file, a .pth/.pt/.bin state dict or a finished run "
+                              "directory")
 
 
 def _endpoint() -> str:
@@ -380,9 +403,7 @@ def _endpoint() -> str:
 def apply_start_weights(model: nn.Module, model_cfg: Any) -> dict[str, Any] | None:
     """`[model] pretrained` / `weights` into a freshly built LTModel (a run's start only);
     returns the run.json record, or None when neither is set."""
-    if model_cfg.weights and model_cfg.pretrained:
-        raise RecipeError("model.weights and model.pretrained are both set; keep one (weights "
-                          "= \"PATH\" replaces timm's published weights)")
+    check_start_weights(model_cfg)
     if model_cfg.pretrained:
         pre, record = pretrained_backbone(model_cfg.backbone, model_cfg.backbone_args)
         state = pre.state_dict()
