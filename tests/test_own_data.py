@@ -197,3 +197,18 @@ def test_semi_supervised_recipes_run_on_an_unlabeled_folder(recipe, own, tmp_pat
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     online = [r for r in records if r.get("event") == "pseudo_labels"]
     assert all(r.get("hidden_labels") == "not available" for r in online)
+
+
+def test_a_file_backed_pool_is_served_by_the_prefetching_path(registry, own):
+    """An on-disk pool is never decoded as a whole: the store decodes batches by index on its
+    threads, prefetched batches equal directly decoded ones, across the labeled/unlabeled seam."""
+    from ltframe.data.sources import ConcatImages, FileImages
+
+    b = _bundle(registry, own, unlabeled={"name": "folder", "root": str(own / "unl"),
+                                          "in_memory": False}, workers=2)
+    assert isinstance(b.source.train_images, ConcatImages) and b.train.prefetches
+    assert isinstance(b.source.train_images.parts[1], FileImages)
+    idx = torch.tensor([44, 45, 53, 0])
+    b.train.prefetch(idx)
+    assert torch.equal(b.train.get(idx), _bundle(registry, own, unlabeled={
+        "name": "folder", "root": str(own / "unl"), "in_memory": True}).train.get(idx))

@@ -122,7 +122,9 @@ def imagefolder(p: FolderParams, seed: int, unlabeled: bool = False) -> SourceDa
 class UnlabeledFolderParams:
     root: str = "unlabeled"
     image_size: int = param(0, ge=0)  # 0 = the labelled source's image size
-    in_memory: bool | None = None  # None: decode into memory when it is under 2 GB
+    # None: decode into memory when under 2 GB and at most 50,000 files; a larger pool stays
+    # on disk and is decoded batch by batch on data.workers threads (prefetched)
+    in_memory: bool | None = None
 
 
 def folder(p: UnlabeledFolderParams, seed: int, image_size: int = 224,
@@ -142,7 +144,9 @@ def folder(p: UnlabeledFolderParams, seed: int, image_size: int = 224,
         raise DataError(f"data.unlabeled.root: {root} holds no images (extensions "
                         f"{', '.join(IMG_EXTENSIONS)})")
     size = p.image_size or image_size
-    images = load_images(paths, size, p.in_memory)
+    in_memory = p.in_memory if p.in_memory is not None else (
+        len(paths) <= 50_000 and len(paths) * 3 * size * size < 2e9)
+    images = load_images(paths, size, in_memory)
     empty = torch.zeros(0, dtype=torch.long)
     return SourceData(images, torch.full((len(paths),), -1, dtype=torch.long),
                       load_images([], size, True), empty, [], (0.5,) * 3, (0.5,) * 3,
