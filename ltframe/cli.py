@@ -302,15 +302,18 @@ def compare(run_dirs: tuple[str, ...], stages: bool, as_json: bool) -> None:
         out.print_json(json.dumps(rows))
         return
     table = Table(title="balanced test set, top-1 %")
-    cols = ["run", *(["stage", "head"] if stages else []), "report", "overall", "many",
-            "medium", "few", "last"]
+    taus = any(r.get("posthoc_tau") is not None for r in rows)  # one row per post-hoc tau
+    cols = ["run", *(["stage", "head"] if stages else []), "report", *(["tau"] if taus else []),
+            "overall", "many", "medium", "few", "last"]
     for c in cols:
         table.add_column(c, no_wrap=True,
                          justify="left" if c in ("run", "stage", "head", "report") else "right")
     for r in rows:
         names = [r["run"], *([r["stage"], str(r.get("eval_head") or "")] if stages else [])]
-        table.add_row(*names, r["protocol"], *(_fmt(r[m]) for m in ("top1", "many", "medium",
-                                                                     "few")), _fmt(r["last_top1"]))
+        tau = [_fmt_tau(r.get("posthoc_tau"))] if taus else []
+        table.add_row(*names, r["protocol"], *tau, *(_fmt(r[m]) for m in ("top1", "many",
+                                                                           "medium", "few")),
+                      _fmt(r["last_top1"]))
     out.print(table)
 
 

@@ -46,19 +46,32 @@ def _protocol(s: dict[str, Any]) -> str:
 
 
 def compare_rows(run_dirs: list[str | Path], stages: bool = False) -> list[dict[str, Any]]:
-    """One dict per run (or per stage of each run): run, recipe, stage, protocol, the reported
-    top1 / many / medium / few, the last evaluation's top1, seconds."""
+    """One dict per run (or per stage of each run), and per post-hoc tau where the run was
+    evaluated with a list of taus (`posthoc_tau`, None otherwise): run, run_dir, recipe,
+    stage, protocol, the reported top1 / many / medium / few, the last evaluation's top1,
+    seconds."""
     rows: list[dict[str, Any]] = []
     for d in run_dirs:
         s = load_summary(d)
-        base = {"run": Path(d).name, "recipe": _recipe_of(Path(d))}
+        base = {"run": Path(d).name, "run_dir": str(d), "recipe": _recipe_of(Path(d))}
         parts = s.get("stages", []) if stages else [{**s, "stage": "final"}]
         for part in parts:
-            row = {**base, "stage": part.get("stage", ""), "protocol": _protocol(part),
-                   **{m: part.get(m) for m in METRICS},
-                   "last_top1": (part.get("last") or {}).get("top1", part.get("top1")),
-                   "seconds": s.get("seconds") if not stages else None}
-            if stages:
-                row["eval_head"] = part.get("eval_head")
-            rows.append(row)
+            last = part.get("last") or {}
+            for tau, numbers, last_numbers in _per_tau(part, last):
+                row = {**base, "stage": part.get("stage", ""), "protocol": _protocol(part),
+                       "posthoc_tau": tau, **{m: numbers.get(m) for m in METRICS},
+                       "last_top1": last_numbers.get("top1", numbers.get("top1")),
+                       "seconds": s.get("seconds") if not stages else None}
+                if stages:
+                    row["eval_head"] = part.get("eval_head")
+                rows.append(row)
     return rows
+
+
+def _per_tau(part: dict[str, Any], last: dict[str, Any]) -> list[tuple[Any, dict, dict]]:
+    """(tau, reported numbers, last evaluation's numbers) for each post-hoc tau of a result."""
+    taus = part.get("rows") or []
+    if not taus:
+        return [(part.get("posthoc_tau"), part, last)]
+    last_rows = {r.get("posthoc_tau"): r for r in last.get("rows") or []}
+    return [(r.get("posthoc_tau"), r, last_rows.get(r.get("posthoc_tau"), {})) for r in taus]

@@ -514,3 +514,19 @@ def test_field_comments_above_after_docstring_and_inherited():
     scale = next(p for p in params_doc(_DocParams) if p["name"] == "scale")
     assert scale == {"name": "scale", "type": "float", "required": False, "default": 1.0,
                      "range": "> 0 and <= 10", "help": "multiplies the logits"}
+
+
+def test_compare_shows_one_row_per_posthoc_tau(tmp_path):
+    run = tmp_path / "la"
+    run.mkdir()
+    rows = [{"posthoc_tau": 0.0, "top1": 40.0, "many": 70.0, "medium": 30.0, "few": 10.0},
+            {"posthoc_tau": 1.0, "top1": 45.0, "many": 60.0, "medium": 40.0, "few": 30.0}]
+    last = [dict(r, top1=r["top1"] - 1) for r in rows]
+    (run / "summary.json").write_text(json.dumps({**rows[0], "rows": rows, "report": "best",
+                                                  "last": {"top1": 39.0, "rows": last}}))
+    res = invoke("compare", run, "--json")
+    got = [(r["posthoc_tau"], r["top1"], r["few"], r["last_top1"]) for r in json.loads(res.output)]
+    assert got == [(0.0, 40.0, 10.0, 39.0), (1.0, 45.0, 30.0, 44.0)]
+    res = invoke("compare", run)
+    assert res.exit_code == 0 and "tau" in res.output
+    assert re.search(r"la\s*│\s*best\s*│\s*1\s*│\s*45\.00", res.output), res.output

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from ltframe import start_run
 from ltframe.cli import main
-from ltframe.testing import tiny_recipe
+from ltframe.hookspecs import hookimpl
+from ltframe.testing import tiny_recipe, write_image_folder
 
 pytest.importorskip("matplotlib")
 
@@ -66,3 +67,76 @@ def test_report_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     res = CliRunner().invoke(main, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
     assert res.exit_code != 0 and "pip install 'ltframe[plots]'" in res.output
+
+
+class _MaskProbe:
+    """Records each step's online pseudo-label mask (what `mask_ratio` must summarise)."""
+
+    def __init__(self):
+        self.kept = {}
+
+    @hookimpl
+    def ltframe_step_end(self, run, stage, step, ctx):
+        self.kept[step + 1] = float((ctx.pseudo.mask > 0).float().mean())  # 1-based in records
+
+
+FIXMATCH_STAGE = {"name": "fm", "epochs": 1, "steps_per_epoch": 3, "data": "labeled+unlabeled",
+                  "pseudo_labeler": {"name": "threshold", "threshold": 0.7},
+                  "loss": ["ce", "fixmatch"]}
+
+
+def test_mask_ratio_is_logged_also_without_hidden_labels_and_reported(tmp_path):
+    probe = _MaskProbe()
+    a = tiny_recipe(tmp_path / "a", run={"name": "known", "log_every": 1},
+                    data={"split": {"name": "fraction", "labeled_fraction": 0.5}},
+                    eval={"posthoc_tau": [0.0, 1.0]}, stage=[FIXMATCH_STAGE])
+    run_a = Path(start_run(a, out_dir=tmp_path / "runs", plugins=[("probe", probe)])["run_dir"])
+    records = [json.loads(x) for x in (run_a / "metrics.jsonl").open()]
+    logged = {r["step"]: r["mask_ratio"] for r in records if r["event"] == "train"}
+    assert logged == pytest.approx(probe.kept) and len(logged) == 3, logged
+    assert len(set(logged.values())) > 1  # the threshold keeps more in some steps
+    # unlabeled images without any label (a folder): the mask ratio needs none
+    write_image_folder(tmp_path / "unl", ["."], 10, 16)
+    b = tiny_recipe(tmp_path / "b", run={"name": "unknown", "log_every": 1},
+                    data={"unlabeled": {"name": "folder", "root": str(tmp_path / "unl")}},
+                    stage=[dict(FIXMATCH_STAGE, steps_per_epoch=2)])
+    run_b = Path(start_run(b, out_dir=tmp_path / "runs")["run_dir"])
+    train_b = [r for r in (json.loads(x) for x in (run_b / "metrics.jsonl").open())
+               if r["event"] == "train"]
+    assert len(train_b) == 2 and all(0 <= r["mask_ratio"] <= 1 for r in train_b)
+
+    res = CliRunner().invoke(main, ["report", str(run_a), str(run_b), "--out", str(tmp_path / "r")],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "](pseudo_mask.png)" in md and (tmp_path / "r" / "pseudo_mask.png").is_file()
+    s = json.loads((run_a / "summary.json").read_text())
+    for tau_row in s["rows"]:  # one table row per post-hoc tau, the summary's numbers
+        line = next(x for x in md.splitlines()
+                    if x.startswith("| known | ") and f"| {tau_row['posthoc_tau']:g} |" in x)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == f"{tau_row['top1']:.2f}"
+    assert any(x.startswith("| unknown | ") and "| - |" in x for x in md.splitlines())
+    # per-class table: class names, head (most training images) first
+    counts, classes = s["labeled_counts"], s["classes"]
+    table = [x for x in md.splitlines() if x.startswith("| class")]
+    at = md.splitlines().index(table[0])
+    named = [x.split("|")[1].strip() for x in md.splitlines()[at + 2: at + 2 + len(counts)]]
+    assert named == [classes[c] for c in sorted(range(len(counts)), key=lambda c: -counts[c])]
+
+
+def test_per_class_figure_sorts_by_count_names_classes_and_marks_zero():
+    from ltframe.report import _per_class_figure, _plt
+
+    plt = _plt()
+    s = {"labeled_counts": [3, 12, 5, 8], "classes": ["ant", "bee", "cat", "dog"],
+         "per_class": [50.0, 0.0, None, 100.0]}
+    fig = _per_class_figure(plt, ["run"], [s])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["bee", "dog", "cat", "ant"]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights[0] == 0 and heights[1] == 100 and heights[3] == 50  # head left
+    marks = [c.get_offsets() for c in ax.collections if len(c.get_offsets())]
+    assert len(marks) == 1 and marks[0][:, 0].tolist() == pytest.approx([0.0])  # only 'bee'
+    assert all(y < 0 for y in marks[0][:, 1]) and ax.get_ylim()[0] < marks[0][0, 1]  # visible
+    plt.close(fig)

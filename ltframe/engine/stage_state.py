@@ -23,6 +23,7 @@ class Accumulators:
         self.sums = {name: self.zero.clone() for name in [*loss_names, "total"]}
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.confusion = torch.zeros(num_classes * num_classes, device=device)
+        self.pseudo = torch.zeros(2, device=device)  # online pseudo-labels kept, seen (interval)
         self.num_classes = num_classes
         self.n = 0
         self.imgs = 0
@@ -40,6 +41,8 @@ class Accumulators:
         """Diagnostics only: pseudo-labels of the selected samples against hidden labels
         (index_add_, not bincount, which syncs with the host on CUDA)."""
         pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
+        self.pseudo[0] += (pseudo.mask > 0).sum()  # the mask ratio needs no labels
+        self.pseudo[1] += pseudo.mask.numel()
         known = true >= 0  # images without a known label are left out
         self.confusion.index_add_(0, true.clamp_min(0) * self.num_classes + pl,
                                   ((pseudo.mask > 0) & known).float())
@@ -48,6 +51,7 @@ class Accumulators:
         """What a mid-interval checkpoint needs so that a resumed run logs the same means."""
         out = {f"acc.sum.{k}": v for k, v in self.sums.items()}
         out["acc.confusion"] = self.confusion
+        out["acc.pseudo"] = self.pseudo
         out["acc.n"] = torch.tensor([self.n])
         return out
 
@@ -58,11 +62,14 @@ class Accumulators:
             if f"acc.sum.{k}" in tensors:
                 self.sums[k] = tensors[f"acc.sum.{k}"].to(self.zero.device).clone()
         self.confusion.copy_(tensors["acc.confusion"])
+        if "acc.pseudo" in tensors:
+            self.pseudo.copy_(tensors["acc.pseudo"])
         self.n = int(tensors["acc.n"][0])  # images/s restarts with the resumed steps
 
     def reset_interval(self) -> None:
         for k in self.sums:
             self.sums[k] = self.zero.clone()
+        self.pseudo.zero_()
         self.n, self.imgs, self.t_log = 0, 0, time.perf_counter()
 
 

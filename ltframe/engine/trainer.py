@@ -508,8 +508,13 @@ class Trainer:
         self.images_per_s = ips
         means = {k: float(v) / max(acc.n, 1) for k, v in acc.sums.items()}
         lr = st.optimizer.param_groups[0]["lr"]
+        extra = {}
+        if st.labeler is not None:  # online pseudo-labels: fraction of unlabeled samples kept
+            kept, seen = (dist.all_sum(acc.pseudo) if self.dist.world_size > 1 else acc.pseudo).tolist()
+            if seen:
+                extra["mask_ratio"] = round(kept / seen, 5)
         self.log("train", stage=st.plan.name, step=done, epoch=epoch, loss=means, lr=lr,
-                 images_per_s=round(ips, 1))
+                 images_per_s=round(ips, 1), **extra)
         self.reporter.progress(done, {**means, "lr": lr, "images_per_s": ips})
         acc.reset_interval()
 
