@@ -45,6 +45,10 @@ def test_recipe_smoke(recipe, tmp_path, cifar_root, cifar100_root, list_root, ow
         overrides += [f"data.source.root={own_root}", "data.source.image_size=32"]
     if 'name = "folder"' in text:
         overrides.append(f"data.unlabeled.root={own_root / 'unl'}")
+    if 'extends = "finetune_la.toml"' in text:  # its data is an imagefolder too
+        overrides += [f"data.source.root={own_root}", "data.source.image_size=32"]
+    if "pretrained = true" in text or "finetune_la.toml" in text:  # no network: random weights
+        overrides.append("model.pretrained=false")
     if 'name = "cifar100"' in text:
         overrides.append(f"data.source.root={cifar100_root}")
     elif 'name = "cifar' in text:
