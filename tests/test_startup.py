@@ -49,8 +49,8 @@ def test_import_ltframe_is_lazy_and_keeps_its_public_names():
     assert not out["mods"]["torch"]  # hookimpl comes from hookspecs (pluggy only)
     assert out["result"]["all"] == sorted([
         "ComponentSpec", "LtframeError", "PseudoLabels", "Recipe", "Registry", "StepContext",
-        "evaluate_checkpoint", "hookimpl", "load_recipe", "make_plugin_manager", "resume_run",
-        "start_run"])
+        "evaluate_checkpoint", "hookimpl", "load_model", "load_recipe", "make_plugin_manager",
+        "resume_run", "start_run"])
 
 
 def test_public_names_resolve_on_first_access():
