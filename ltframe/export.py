@@ -139,10 +139,11 @@ def load_model(source: str | Path, tau: float | None = None,
     """A finished run directory or an exported file -> `LTClassifier` in eval mode.
 
     `tau` is the post-hoc adjustment (None: the run's first `eval.posthoc_tau`, or the tau the
-    file was exported with); `device` None picks CUDA when available."""
+    file was exported with); `device` None: the run's `run.device` (CUDA when available for a
+    file)."""
     p = Path(source).expanduser()
     if p.is_dir():
-        return load_run_classifier(p, device=device if device is not None else None, tau=tau)[0]
+        return load_run_classifier(p, device=device, tau=tau)[0]
     tensors, meta, path = read_export(p)
     net = _export_net(meta, tensors, path)
     base = float(meta.get("tau", 0.0)) if meta.get("tau_folded") else 0.0
@@ -221,17 +222,17 @@ def affine_form(head: nn.Module, in_features: int) -> tuple[Tensor, Tensor] | No
     """(W, b) with head(x) == x @ W.T + b for every x, or None when the head is not affine in
     its input (checked on random features in float64)."""
     h = copy.deepcopy(head).cpu().double().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, in_features, generator=g, dtype=torch.float64) * 3
     try:
         b = h(torch.zeros(1, in_features, dtype=torch.float64))[0]
         w = (h(torch.eye(in_features, dtype=torch.float64)) - b).t()
-    except Exception:  # a head that needs more than a feature batch
-        return None
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, in_features, generator=g, dtype=torch.float64) * 3
-    want = h(x)
-    got = x @ w.t() + b
-    scale = want.abs().max().clamp_min(1.0)
-    if want.shape != got.shape or (want - got).abs().max() > 1e-7 * scale:
+        want = h(x)
+        got = x @ w.t() + b
+        scale = want.abs().max().clamp_min(1.0)
+        if want.shape != got.shape or (want - got).abs().max() > 1e-7 * scale:
+            return None
+    except Exception:  # a head that needs more than a feature batch, or returns no tensor
         return None
     return w.float().contiguous(), b.float().contiguous()
 
