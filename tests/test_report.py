@@ -140,3 +140,24 @@ def test_per_class_figure_sorts_by_count_names_classes_and_marks_zero():
     assert len(marks) == 1 and marks[0][:, 0].tolist() == pytest.approx([0.0])  # only 'bee'
     assert all(y < 0 for y in marks[0][:, 1]) and ax.get_ylim()[0] < marks[0][0, 1]  # visible
     plt.close(fig)
+
+
+@pytest.mark.slow
+def test_mask_ratio_of_a_resumed_interval_equals_the_uninterrupted_run(tmp_path):
+    from ltframe import resume_run
+    from ltframe.errors import RunInterrupted
+    from ltframe.testing import StopAt
+
+    over = {"run": {"log_every": 3, "checkpoint_every": 2},
+            "data": {"split": {"name": "fraction", "labeled_fraction": 0.5}},
+            "stage": [dict(FIXMATCH_STAGE, epochs=2)]}
+
+    def ratios(run_dir):
+        return [(r["step"], r["mask_ratio"]) for r in map(json.loads, (run_dir / "metrics.jsonl").open())
+                if r["event"] == "train"]
+
+    full = Path(start_run(tiny_recipe(tmp_path / "a", **over))["run_dir"])
+    with pytest.raises(RunInterrupted):  # checkpoint at step 2, inside the interval logged at 3
+        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(3))])
+    resumed = Path(resume_run(tmp_path / "b" / "runs" / "tiny")["run_dir"])
+    assert ratios(resumed) == ratios(full) and len(ratios(full)) == 2
