@@ -67,8 +67,7 @@ def _curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
 
 
 #: train-record keys of the online pseudo-labeler: the fraction of unlabeled samples kept
-#: (logged by the engine) and a threshold, for pseudo-labelers whose threshold changes
-PSEUDO_SERIES = ("mask_ratio", "threshold")
+PSEUDO_SERIES = ("mask_ratio",)
 
 
 def _order(counts: list[int]) -> list[int]:
@@ -240,8 +239,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
             th = _thresholds(d)
             labels.append(plt.Line2D([], [], color=f"C{i}", label=name + (
                 f" (threshold {', '.join(f'{t:g}' for t in th)})" if th else "")))
-        fig = _series_figure(plt, curves, pseudo, labels, {
-            "mask_ratio": "unlabeled kept (mask ratio)", "threshold": "threshold"})
+        fig = _series_figure(plt, curves, pseudo, labels,
+                             {"mask_ratio": "unlabeled kept (mask ratio)"})
         fig.axes[0].set_ylim(-0.03, 1.03)
         _save(plt, fig, out, figs, "pseudo_mask.png",
               "Online pseudo-labels: fraction of unlabeled samples kept")
@@ -356,15 +355,6 @@ def _per_class_table(names: list[str], summaries: list[dict]) -> list[str]:
                  if len(s.get("per_class") or []) == n else "-" for s in summaries]
         md.append(f"| {cls[c]} | {counts[c]} | " + " | ".join(cells) + " |")
     return md
-
-
-def _integer_ticks(plt: Any, ax: Any, which: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    if which in ("x", "both"):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if which in ("y", "both"):
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _cell(v: Any) -> str:
