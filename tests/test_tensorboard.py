@@ -45,3 +45,20 @@ def test_unknown_logger_is_a_recipe_error(tmp_path):
     with pytest.raises(RecipeError, match="tensorboard"):
         start_run(recipe)
     assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_mask_ratio_reaches_tensorboard(tmp_path):
+    from types import SimpleNamespace
+
+    from ltframe.plugins import make_plugin_manager
+
+    registry = make_plugin_manager()[1]
+    logger = registry.build(registry.spec("logger", {"name": "tensorboard"}, "run.loggers[0]"))
+    run = SimpleNamespace(run_dir=tmp_path, is_main=True)
+    logger.ltframe_run_start(run=run)
+    logger.ltframe_log(run=run, event="stage_start", data={"stage": "s", "total_steps": 4})
+    for step, ratio in ((2, 0.25), (4, 0.5)):
+        logger.ltframe_log(run=run, event="train", data={"stage": "s", "step": step, "lr": 0.1,
+                                                         "loss": {"total": 1.0}, "mask_ratio": ratio})
+    logger.close()
+    assert _scalars(tmp_path / "tensorboard")["train/mask_ratio"] == [(2, 0.25), (4, 0.5)]

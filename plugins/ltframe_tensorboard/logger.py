@@ -58,6 +58,8 @@ class TensorBoardLogger:
             w.add_scalar("train/lr", data.get("lr", 0.0), step)
             if data.get("images_per_s"):
                 w.add_scalar("train/images_per_s", data["images_per_s"], step)
+            if data.get("mask_ratio") is not None:  # online pseudo-labels kept (no labels needed)
+                w.add_scalar("train/mask_ratio", data["mask_ratio"], step)
         elif event == "eval":
             for k in EVAL_KEYS:
                 if data.get(k) is not None:
