@@ -8,7 +8,6 @@ protocol of papers 000/001. Every split is a deterministic function of (data, op
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +24,7 @@ class ProfileCfg:
 
     "none" uses the source's training set as it is; "balanced" cuts every class to the smallest
     class (or n_max); exp / step / pareto / lomax build a long tail, the head being the class
-    with the most images (ties by class name, numbers in names compared as numbers), or the
+    with the most images (ties in the source's class order: sorted names for folders), or the
     first of `class_order`.
     """
 
@@ -74,15 +73,10 @@ class Splits:
     notes: list[str] = field(default_factory=list)  # one-line remarks for the run's log
 
 
-def natural_key(name: str) -> list:
-    """Sort key comparing runs of digits as numbers ("class2" < "class10")."""
-    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
-
-
 def class_rank(available: list[int], names: list[str], class_order: list[str] | None = None
                ) -> list[int]:
     """Class indices head first: by `class_order` (names), else by available count (most
-    first), ties by name."""
+    first), ties in the source's class order (folder sources: sorted by name)."""
     if class_order:
         unknown = [n for n in class_order if n not in names]
         if unknown:
@@ -95,7 +89,7 @@ def class_rank(available: list[int], names: list[str], class_order: list[str] | 
             raise RecipeError(f"data.longtail.class_order {what}; list every class once, head "
                               f"first ({len(names)} classes)")
         return [names.index(n) for n in class_order]
-    return sorted(range(len(names)), key=lambda c: (-available[c], natural_key(names[c])))
+    return sorted(range(len(names)), key=lambda c: (-available[c], c))
 
 
 def profile_counts(cfg: ProfileCfg, num_classes: int, available: int | list[int],
@@ -255,7 +249,7 @@ def _profile_notes(profile: ProfileCfg, split: SplitCfg, names: list[str], rank:
                    need: list[int], available: list[int]) -> list[str]:
     """Which class is the head of the built long tail, and a warning when it discards more than
     half of the source's labelled images."""
-    how = "data.longtail.class_order" if profile.class_order else "most images, ties by name"
+    how = "data.longtail.class_order" if profile.class_order else "most images first, ties by class"
     out = [f"long tail ({profile.name if split.name != 'counts' else 'counts split'}): head class "
            f"'{names[rank[0]]}' ({need[rank[0]]} images), tail class '{names[rank[-1]]}' "
            f"({need[rank[-1]]}); order: {how}"]
