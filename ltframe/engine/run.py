@@ -15,7 +15,7 @@ import torch
 from ltframe.data.bundle import DataBundle, check_splits, save_splits
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
-from ltframe.engine.labelling import check_offline, pool_index
+from ltframe.engine.preflight import plans_source, preflight
 from ltframe.engine.report import Reporter
 from ltframe.engine.setup import (
     build_data,
@@ -26,7 +26,7 @@ from ltframe.engine.setup import (
     read_run_meta,
     write_run_files,
 )
-from ltframe.engine.trainer import Trainer, check_plan_data
+from ltframe.engine.trainer import Trainer
 from ltframe.errors import CheckpointError, LtframeError, RecipeError, RunInterrupted
 from ltframe.eval.metrics import group_classes
 from ltframe.models import LTModel
@@ -81,7 +81,7 @@ def _build_loggers(run: Run) -> None:
 
 def _execute(run: Run, reporter: Reporter, resume: tuple[dict, dict] | None) -> dict:
     trainer = Trainer(run, reporter)
-    scheduler = run.registry.build(run.recipe.scheduler, stages=_plans_source(run.recipe))
+    scheduler = run.registry.build(run.recipe.scheduler, stages=plans_source(run.recipe))
     partial = None
     if resume is not None:
         tensors, meta = resume
@@ -135,44 +135,6 @@ def _stages(run: Run, trainer: Trainer, scheduler: Any, partial: Any) -> dict:
         ckpt.atomic_write_json(run.run_dir / "summary.json", summary)
     run.pm.hook.ltframe_run_end(run=run, summary=summary)
     return summary
-
-
-def _plans_source(recipe: Recipe) -> list[tuple[Any, Any]]:
-    return list(zip(recipe.stages, recipe.stage_optims, strict=True))
-
-
-#: at most this many stages are planned ahead by `preflight`
-PREFLIGHT_STAGES = 1000
-
-
-def preflight(run: Run) -> None:
-    """Check the stages the scheduler plans against the data before the run directory exists.
-
-    The scheduler is a pure function of the history, so it is asked for its stages with
-    stand-in results ({"stage", "index"}); a scheduler that needs real results for a later
-    stage stops the look-ahead there (that stage is still checked when it starts)."""
-    scheduler = run.registry.build(run.recipe.scheduler, stages=_plans_source(run.recipe))
-    splits = run.data.splits
-    history: list[dict] = []
-    labelled = False
-    while len(history) < PREFLIGHT_STAGES:
-        try:
-            plan = scheduler.next_stage(history)
-        except Exception:
-            if not history:  # the run's own first call would fail the same way
-                raise
-            return
-        if plan is None:
-            return
-        check_plan_data(plan, splits.unlabeled.numel() > 0, labelled)
-        if plan.cfg.label is not None:
-            d = run.data
-            check_offline(run.registry.build(plan.cfg.label, num_classes=d.num_classes,
-                                             class_counts=d.labeled_counts, num_samples=len(d.train),
-                                             labeled_counts=d.labeled_counts), plan)
-            pool_index(d, plan.cfg.label_pool, plan, run.smoke)
-            labelled = True
-        history.append({"stage": plan.name, "index": plan.index})
 
 
 def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None = None, *,

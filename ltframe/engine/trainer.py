@@ -26,6 +26,7 @@ from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
 from ltframe.engine.labelling import check_offline, label_pool, pool_index
+from ltframe.engine.preflight import check_plan_data
 from ltframe.engine.report import Reporter
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
@@ -36,26 +37,6 @@ from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
 
 SMOKE_BATCH = 16
-
-
-def check_plan_data(plan: StagePlan, has_unlabeled: bool, pool_labelled: bool) -> None:
-    """A stage's `data` against the run's splits (before the run directory exists, and again
-    when the stage starts): unlabeled batches need an unlabeled split, an online
-    pseudo-labeler needs unlabeled batches, pseudo-labelled samples need an earlier labelling."""
-    cfg = plan.cfg
-    parts = cfg.data.split("+")
-    where = f"stage '{plan.name}' (stage[{plan.index}])"
-    if "unlabeled" in parts and not has_unlabeled:
-        raise RecipeError(f"{where}.data = \"{cfg.data}\" uses unlabeled data but the split has "
-                          "none; set data.split (e.g. name = \"fraction\")")
-    if cfg.pseudo_labeler is not None and "unlabeled" not in parts:
-        raise RecipeError(f"{where}.pseudo_labeler: an online pseudo-labeler needs unlabeled "
-                          f"batches but data = \"{cfg.data}\"; use data = \"labeled+unlabeled\" "
-                          "or drop pseudo_labeler (whole-pool labelling is stage.label)")
-    if "pseudo" in parts and not pool_labelled:
-        raise RecipeError(f"{where}.data = \"{cfg.data}\" trains on pseudo-labelled samples "
-                          "but no earlier stage labelled the pool; set `label` on an earlier "
-                          "stage (e.g. label = {name = \"threshold\"})")
 
 
 class Trainer:
