@@ -43,3 +43,24 @@ def allowed(choices: Iterable[str]) -> str:
 
 class RunInterrupted(LtframeError):
     """The user interrupted a run; the message names the step and the resume command."""
+
+
+class RunLockedError(LtframeError):
+    """Another process is writing the run directory (it holds the run's lock)."""
+
+
+class DiskWriteError(LtframeError, OSError):
+    """A file of the run could not be written (full disk, read-only folder, permissions);
+    `path` names the file. Also an OSError, so callers catching OSError still do."""
+
+    def __init__(self, message: str, path: str | None = None, errno_: int | None = None) -> None:
+        LtframeError.__init__(self, message)
+        self.path = path
+        self.code = errno_
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class PeerDiedError(LtframeError):
+    """Under torchrun, another rank (or the torchrun agent) stopped; this rank stops too."""

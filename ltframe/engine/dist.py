@@ -29,7 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ltframe.errors import LtframeError
+from ltframe.errors import LtframeError, PeerDiedError
+
+#: torchrun's agent (the workers' parent), recorded at `init`; None outside torchrun
+_AGENT_PID: int | None = None
+#: what gloo / NCCL / the TCP store say when another rank has gone away
+_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe",
+               "connection refused", "socket timeout", "timed out", "nccl", "gloo",
+               "processgroup", "process group", "watchdog")
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,10 @@ def is_main() -> bool:
 
 def init(device: torch.device) -> DistInfo:
     """Join the process group when torchrun started several processes."""
+    global _AGENT_PID
     env = env_info()
+    if "TORCHELASTIC_RUN_ID" in os.environ and _AGENT_PID is None:  # started by torchrun
+        _AGENT_PID = os.getppid()
     if env.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         return info()
     if not dist.is_available():
@@ -166,3 +176,31 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def agent_alive() -> bool:
+    """False once torchrun's agent has died (this worker was handed to another parent)."""
+    return _AGENT_PID is None or os.getppid() == _AGENT_PID
+
+
+def resume_hint(run_dir: Any) -> str:
+    """How to continue `run_dir` with the same number of processes."""
+    w = env_info().world_size
+    launch = f"torchrun --nproc_per_node={w} -m ltframe" if w > 1 else "ltframe"
+    return f"`{launch} resume {run_dir}`"
+
+
+def peer_failure(exc: BaseException, run_dir: Any) -> PeerDiedError | None:
+    """A PeerDiedError for the error a collective raises when another rank died (gloo's
+    "Connection reset by peer", NCCL / store errors), else None. Multi-process runs only."""
+    if env_info().world_size <= 1 or not isinstance(exc, RuntimeError):
+        return None
+    text = " ".join(str(exc).split())
+    dist_error = getattr(dist, "DistError", None)
+    if not (dist_error and isinstance(exc, dist_error)) and \
+            not any(s in text.lower() for s in _PEER_SIGNS):
+        return None
+    return PeerDiedError(
+        f"a peer process died, so rank {env_info().rank} stops too ({text[:120]}); the newest "
+        f"checkpoint on disk is kept: find why the other rank stopped (its error line or "
+        f"error.rank*.log), then continue with {resume_hint(run_dir)}")

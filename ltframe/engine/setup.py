@@ -14,6 +14,7 @@ import torch
 from ltframe.data.bundle import DataBundle, build_bundle
 from ltframe.data.sources import image_size
 from ltframe.engine.checkpoint import atomic_write_json, atomic_write_text
+from ltframe.engine.runlock import LOCK_FILE, RunLock, try_lock
 from ltframe.errors import LtframeError, RecipeError
 from ltframe.models import LTModel, build_backbone
 from ltframe.recipe import Recipe
@@ -58,22 +59,36 @@ def check_out_dir(out_dir: str | Path, label: str = "--out") -> None:
                            "choose a folder you can write to")
 
 
-def new_run_dir(out_dir: str | Path, name: str) -> Path:
-    """out_dir/name, or name-1, name-2, ... so an earlier run is never overwritten."""
+def _in_use(path: Path) -> bool:
+    """A path a new run cannot take: a file, or a folder with anything but the lock file."""
+    return path.exists() and (not path.is_dir()
+                              or any(p.name != LOCK_FILE for p in path.iterdir()))
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> tuple[Path, RunLock]:
+    """out_dir/name, or name-1, name-2, ... so an earlier run is never overwritten; returned
+    with its lock held (two runs started at once never share a folder)."""
     base = Path(out_dir) / name
-    path, i = base, 0
-    while path.exists() and any(path.iterdir()):
-        i += 1
-        path = base.with_name(f"{name}-{i}")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise LtframeError(f"cannot write the run directory {path} ({exc.strerror}); pass a "
-                           "writable folder with --out (or set run.out_dir)") from None
-    return path
+    for i in range(100_000):
+        path = base if i == 0 else base.with_name(f"{name}-{i}")
+        if _in_use(path):
+            continue
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock = try_lock(path)
+            probe = path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise LtframeError(f"cannot write the run directory {path} ({exc.strerror}); pass a "
+                               "writable folder with --out (or set run.out_dir)") from None
+        if lock is None:  # another run took it a moment ago
+            continue
+        if _in_use(path):
+            lock.release()
+            continue
+        return path, lock
+    raise LtframeError(f"{base}: no free run directory name; choose another run.name")
 
 
 def git_revision(where: Path) -> str | None:

@@ -31,7 +31,7 @@ from ltframe.engine.report import Reporter
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
 from ltframe.engine.targets import TargetTable
-from ltframe.errors import LtframeError, NonFiniteLossError, RecipeError
+from ltframe.errors import LtframeError, NonFiniteLossError, PeerDiedError, RecipeError
 from ltframe.eval.evaluate import adjust_logits, evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
@@ -72,13 +72,24 @@ class Trainer:
         # post-hoc adjustment prior: class counts of what the current stage trains on
         self.prior_counts: Tensor | None = None
         self.last_predictions: Tensor | None = None  # test-set predictions of the last evaluation
+        self.pending: Any = None  # resume: changes files once the first stage is set up
+
+    def commit(self) -> None:
+        """Run the pending resume commit (once)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending()
 
     # --- metrics file ---------------------------------------------------------------------
     def log(self, event: str, **data: Any) -> None:
         if not self.dist.main:  # only rank 0 writes
             return
-        with open(self.run.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"event": event, **data}) + "\n")
+        path = self.run.run_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps({"event": event, **data}) + "\n")
+        except OSError as exc:
+            raise ckpt.write_failed(path, exc) from exc
         self.run.pm.hook.ltframe_log(run=self.run, event=event, data=data)
 
     # --- stage setup ----------------------------------------------------------------------
@@ -258,6 +269,7 @@ class Trainer:
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
         """Set the stage up (or restore it mid-way), run its steps, then finish it."""
         st = self._setup_stage(plan, resume)
+        self.commit()
         hook = self.run.pm.hook
         hook.ltframe_stage_start(run=self.run, stage=plan)
         self.reporter.stage_start(plan.name, st.total, st.start)
@@ -265,6 +277,10 @@ class Trainer:
                  steps_per_epoch=st.spe, resumed_at=st.start)
         for step in range(st.start, st.total):
             self.position = (plan.name, step, st.total)
+            if not dist.agent_alive():
+                raise PeerDiedError(f"the torchrun agent died, so this worker stops in stage "
+                                    f"'{plan.name}' at step {step}; {self._kept()}: continue "
+                                    f"with {dist.resume_hint(self.run.run_dir)}")
             epoch = step // st.spe
             if step % st.spe == 0:
                 hook.ltframe_epoch_start(run=self.run, stage=plan, epoch=epoch)
@@ -359,9 +375,16 @@ class Trainer:
 
     def _restore_stage(self, st: Stage, tensors: dict[str, Tensor], meta: dict) -> None:
         st.start = st.acc.last_good = int(meta["step"])
-        opt_state = ckpt.unflatten_state(meta["optimizer"], tensors)
-        opt_state["state"] = {int(k): v for k, v in opt_state["state"].items()}  # JSON keys
-        st.optimizer.load_state_dict(opt_state)
+        name = Path(str(meta.get("tensors", "checkpoint"))).stem
+        if st.start >= st.total:  # an override made the stage end before the checkpoint
+            raise RecipeError(
+                f"stage '{st.plan.name}' now has {st.total} steps but checkpoint {name} is at "
+                f"step {st.start}; an override cannot make a stage end before the step it "
+                f"reached: resume without it, or give the stage more than {st.start} steps")
+        if st.optimizer is None or not isinstance(meta.get("optimizer"), dict):
+            raise ckpt.CheckpointError(f"checkpoint {name} is corrupt (no optimizer state for "
+                                       "a mid-stage step); resume --from an earlier checkpoint")
+        load_optimizer(st.optimizer, ckpt.unflatten_state(meta["optimizer"], tensors), name)
         for k, s in st.streams.items():
             s.load_state_dict(meta["streams"][k])
         where = meta.get("tensors", "checkpoint")
@@ -548,10 +571,11 @@ class Trainer:
             result["pool_labels"] = label_pool(self, plan, self.model)
         self.history.append(result)
         self._save_predictions(plan)
+        # logged before the stage checkpoint, so the metrics it records include stage_end
+        self.log("stage_end", **result)
         # the stage is done: the next checkpoint starts the next stage at step 0
         self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
                    next_stage=True)
-        self.log("stage_end", **result)
         self.run.pm.hook.ltframe_stage_end(run=self.run, stage=plan, result=result)
         self.reporter.stage_end(plan.name)
         self._unregister_components()
@@ -575,9 +599,23 @@ class Trainer:
                        for i, (y, p) in enumerate(zip(label.tolist(), pred.tolist(), strict=True)))
         ckpt.atomic_write_text(stem.parent / f"{stem.name}.csv", "index,file,label,pred\n" + rows)
 
+    def _newest(self) -> str | None:
+        """The newest complete checkpoint: written by this process, or found on disk."""
+        if self.last_checkpoint is not None:
+            return str(self.last_checkpoint)
+        latest = self.ckpt_dir / "latest"
+        return str(self.ckpt_dir / latest.read_text().strip()) if latest.is_file() else None
+
     def _kept(self) -> str:
-        return (f"the last good checkpoint {self.last_checkpoint} is kept"
-                if self.last_checkpoint else "no checkpoint had been written yet")
+        newest = self._newest()
+        return (f"the last good checkpoint {newest} is kept" if newest
+                else "no checkpoint had been written yet")
+
+    def _then(self) -> str:
+        """How to go on after a non-finite loss or weights: resume, or start again."""
+        if self._newest():
+            return f"then `ltframe resume {self.run.run_dir} --set optim.lr=...`"
+        return "then start the run again (`ltframe run RECIPE --set optim.lr=...`)"
 
     def _check_finite(self, bad: Tensor, sums: dict[str, Tensor], plan: StagePlan,
                       last_good: int, done: int) -> None:
@@ -589,8 +627,7 @@ class Trainer:
         raise NonFiniteLossError(
             f"non-finite loss in stage '{plan.name}' between steps {last_good} and {done} "
             f"(summed terms: {terms}); {kept}. Lower optim.lr, check the data and loss "
-            "weights, or set run.precision = \"fp32\"; then "
-            f"`ltframe resume {self.run.run_dir} --set optim.lr=...`"
+            f"weights, or set run.precision = \"fp32\"; {self._then()}"
         )
 
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
@@ -623,7 +660,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the weights became non-finite in stage '{plan.name}' by step {step} "
                 f"({', '.join(bad[:3])}); {kept}. Lower optim.lr or set run.precision = \"fp32\"; "
-                f"then `ltframe resume {self.run.run_dir} --set optim.lr=...`")
+                f"{self._then()}")
         comps = {n: c.state_dict() for n, c in self.components.items() if hasattr(c, "state_dict")}
         meta = {
             "stage_index": plan.index + 1 if next_stage else plan.index,
@@ -639,6 +676,8 @@ class Trainer:
             "components": ckpt.flatten_state(comps, "component", tensors),
             "ema": ema is not None,
             "metrics_bytes": self._metrics_size(),
+            "world_size": self.dist.world_size,
+            "recipe_sha256": getattr(self.run, "recipe_sha256", "") or "",
         }
         stem = stem or f"step-s{plan.index}-{step:08d}"
         if self.dist.main:  # only rank 0 writes
@@ -664,6 +703,33 @@ class Trainer:
         if any(k.startswith("targets.") for k in tensors):
             self.table.load_state_dict({k[8:]: v for k, v in tensors.items()
                                         if k.startswith("targets.")})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, name: str) -> None:
+    """Load a checkpoint's optimizer state after checking it fits the stage's parameters
+    (a mismatch is a corrupt checkpoint, named, not an error at the next step)."""
+    def corrupt(why: str) -> ckpt.CheckpointError:
+        return ckpt.CheckpointError(f"checkpoint {name} is corrupt ({why}); resume --from an "
+                                    "earlier checkpoint (ltframe resume RUN --from FILE)")
+
+    if not isinstance(state.get("state"), dict) or not isinstance(state.get("param_groups"), list):
+        raise corrupt("its optimizer state is not a state_dict")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        per_param = {int(k): v for k, v in state["state"].items()}  # JSON keys are text
+    except (TypeError, ValueError):
+        raise corrupt("its optimizer state has keys that are not parameter numbers") from None
+    for i, slots in per_param.items():
+        if not 0 <= i < len(params) or not isinstance(slots, dict):
+            raise corrupt(f"optimizer state for parameter {i} of {len(params)}")
+        for key, v in slots.items():
+            if isinstance(v, Tensor) and v.dim() > 0 and v.shape != params[i].shape:
+                raise corrupt(f"optimizer '{key}' of parameter {i} has shape {tuple(v.shape)}, "
+                              f"the parameter {tuple(params[i].shape)}")
+    try:
+        optimizer.load_state_dict({**state, "state": per_param})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise corrupt(f"its optimizer state does not fit the stage: {exc}") from None
 
 
 #: named step ranges for torch.profiler (benchmarks/speed.py --profile sets it)
