@@ -272,16 +272,21 @@ def _finish(summary: dict[str, Any], seconds: float) -> None:
               help="Change a value before continuing (e.g. a lower optim.lr after a NaN).")
 @click.option("--from", "from_checkpoint", default=None, metavar="CHECKPOINT",
               help="Continue from this checkpoint of RUN_DIR instead of the newest valid one.")
+@click.option("--accept-edited-recipe", is_flag=True,
+              help="Continue although RUN_DIR/resolved.toml was edited by hand (recorded in "
+                   "run.json); prefer --set.")
 @click.option("--quiet", "-q", is_flag=True)
 def resume(run_dir: str, overrides: tuple[str, ...], from_checkpoint: str | None,
-           quiet: bool) -> None:
-    """Continue RUN_DIR from its latest checkpoint (or --from CHECKPOINT)."""
+           accept_edited_recipe: bool, quiet: bool) -> None:
+    """Continue RUN_DIR from its latest checkpoint (or --from CHECKPOINT). Only one process
+    writes a run: a resume of a run still training is refused."""
     from ltframe.engine.run import resume_run
 
     t0 = time.perf_counter()
     try:
         summary = resume_run(run_dir, list(overrides), from_checkpoint=from_checkpoint,
-                             reporter=_reporter(quiet))
+                             reporter=_reporter(quiet),
+                             accept_edited_recipe=accept_edited_recipe)
     finally:
         _leave_group()
     _finish(summary, time.perf_counter() - t0)
@@ -296,7 +301,13 @@ def compare(run_dirs: tuple[str, ...], stages: bool, as_json: bool) -> None:
     import json
 
     from ltframe.compare import compare_rows
+    from ltframe.engine.runlock import holder
 
+    for d in run_dirs:  # a run still training has no final numbers: never advise resuming it
+        pid = holder(Path(d)) if Path(d).is_dir() else None
+        if pid is not None:
+            raise LtframeError(f"{d}: still training (process {pid} holds its lock); wait for "
+                               "it to finish, then compare")
     rows = compare_rows(list(run_dirs), stages)
     if as_json:
         out.print_json(json.dumps(rows))

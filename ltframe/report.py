@@ -188,15 +188,31 @@ def _per_class_figure(plt: Any, names: list[str], summaries: list[dict]) -> Any:
     return fig
 
 
+def check_not_training(run_dir: Path) -> None:
+    """A run another process is still writing has no final numbers yet: say so (never
+    advise resuming it)."""
+    from ltframe.engine.runlock import holder
+
+    pid = holder(run_dir) if run_dir.is_dir() else None
+    if pid is not None:
+        raise LtframeError(f"{run_dir}: still training (process {pid} holds its lock); "
+                           "wait for it to finish, then run this again")
+
+
 def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Write out/report.md and its figures; returns the Markdown file's path."""
-    plt = _plt()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LtframeError(f"--out {out}: is a file, not a folder; give a folder for report.md "
+                           "and its figures (it is created if missing)")
     dirs = [Path(d) for d in run_dirs]
+    for d in dirs:
+        check_not_training(d)
+    plt = _plt()
     summaries = [load_summary(d) for d in dirs]
     names = [d.name for d in dirs]
     if len(set(names)) != len(names):
         names = [f"{d.parent.name}/{d.name}" for d in dirs]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figs: list[tuple[str, str]] = []
 

@@ -318,7 +318,7 @@ def load_newest(run_dir: Path, check: Callable[[dict[str, Tensor], dict[str, Any
             skipped.append((side, str(exc)))
             continue
         return tensors, meta, path, skipped
-    raise CheckpointError(f"no usable checkpoint in {ck}: {skipped[0][1]}; start the run again")
+    raise CheckpointError(f"no usable checkpoint in {ck} (the newest: {skipped[0][1]})")
 
 
 def nonfinite(tensors: dict[str, Tensor], prefixes: tuple[str, ...] = ("model.", "ema.")
