@@ -286,7 +286,7 @@ def resume(run_dir: str, overrides: tuple[str, ...], from_checkpoint: str | None
     try:
         summary = resume_run(run_dir, list(overrides), from_checkpoint=from_checkpoint,
                              reporter=_reporter(quiet),
-                             accept_edited_recipe=accept_edited_recipe)
+                             **({"accept_edited_recipe": True} if accept_edited_recipe else {}))
     finally:
         _leave_group()
     _finish(summary, time.perf_counter() - t0)

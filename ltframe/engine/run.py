@@ -203,7 +203,9 @@ def start_run(recipe_path: str | Path | None = None, overrides: list[str] | None
         dist.barrier()
         return _guarded(run, lambda: _execute(run, reporter, None))
     except BaseException as exc:
-        if run.is_main and not isinstance(exc, KeyboardInterrupt | RunInterrupted) \
+        # a clear error before training leaves nothing worth keeping (an internal error
+        # keeps the directory: its error.log holds the traceback)
+        if run.is_main and isinstance(exc, LtframeError) and not isinstance(exc, RunInterrupted) \
                 and _only_start_files(run_dir, start_files):
             shutil.rmtree(run_dir, ignore_errors=True)
             reporter.message(f"removed {run_dir}: the run stopped before it trained")
@@ -224,11 +226,11 @@ def _files(run_dir: Path) -> set[Path]:
 
 
 def _only_start_files(run_dir: Path, start: set[Path] | None) -> bool:
-    """True when `run_dir` holds nothing but what start_run wrote before training (and an
-    error.log): removing it loses nothing. `start` None: it failed while writing those."""
+    """True when `run_dir` holds nothing but what start_run wrote before training: removing
+    it loses nothing. `start` None: it failed while writing those."""
     if not run_dir.is_dir():
         return False
-    extra = _files(run_dir) - (start or set()) - {run_dir / "error.log"}
+    extra = _files(run_dir) - (start or set())
     if start is None:
         extra = {p for p in extra if p.name not in ("run.json", "resolved.toml")
                  and p.parent.name != "splits"}
