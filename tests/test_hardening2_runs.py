@@ -385,6 +385,43 @@ def test_a_dead_peer_is_said_with_the_resume_command(tmp_path, monkeypatch):
     assert dist.peer_failure(ValueError("x"), tmp_path) is None
 
 
+_KILL_RANK1 = """
+import os, signal, sys
+from ltframe import hookimpl, start_run
+from ltframe.cli import handle_error
+
+class Kill:
+    @hookimpl
+    def ltframe_step_end(self, run, stage, step, ctx):
+        if run.rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+try:
+    start_run(sys.argv[1], plugins=[("kill", Kill())])
+except BaseException as exc:
+    handle_error(exc, False)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_rank_killed_the_other_says_a_peer_died(tmp_path):
+    import subprocess
+    import sys
+
+    from test_ddp import _free_port, _recipe
+
+    (tmp_path / "drive.py").write_text(_KILL_RANK1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "--monitor-interval=5", str(tmp_path / "drive.py"),
+           str(_recipe(tmp_path))]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert "error: a peer process died, so rank 0 stops too" in out, out[-3000:]
+    assert "torchrun --nproc_per_node=2 -m ltframe resume" in out
+    assert "internal error" not in out
+
+
 def test_workers_stop_when_the_torchrun_agent_died(tmp_path, monkeypatch):
     monkeypatch.setattr(dist, "_AGENT_PID", os.getppid() + 100_000)
     with pytest.raises(PeerDiedError, match="torchrun agent died, so this worker stops"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -195,12 +196,12 @@ def peer_failure(exc: BaseException, run_dir: Any) -> PeerDiedError | None:
     "Connection reset by peer", NCCL / store errors), else None. Multi-process runs only."""
     if env_info().world_size <= 1 or not isinstance(exc, RuntimeError):
         return None
-    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(exc).split()))  # no source path
     dist_error = getattr(dist, "DistError", None)
     if not (dist_error and isinstance(exc, dist_error)) and \
             not any(s in text.lower() for s in _PEER_SIGNS):
         return None
     return PeerDiedError(
-        f"a peer process died, so rank {env_info().rank} stops too ({text[:120]}); the newest "
+        f"a peer process died, so rank {env_info().rank} stops too ({text[:100]}); the newest "
         f"checkpoint on disk is kept: find why the other rank stopped (its error line or "
         f"error.rank*.log), then continue with {resume_hint(run_dir)}")
