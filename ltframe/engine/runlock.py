@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ltframe.errors import RunLockedError
+from ltframe.errors import DiskWriteError, RunLockedError
 
 try:  # Linux / macOS; elsewhere runs are not locked
     import fcntl
@@ -39,7 +39,12 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None or self.fd is not None:
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DiskWriteError(f"cannot open the run's lock file {self.path} "
+                                 f"({exc.strerror}); make {self.path.parent} writable",
+                                 str(self.path), exc.errno) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
