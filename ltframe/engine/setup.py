@@ -80,7 +80,7 @@ def new_run_dir(out_dir: str | Path, name: str) -> tuple[Path, RunLock]:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise LtframeError(f"cannot write the run directory {path} ({exc.strerror}); pass a "
+            raise LtframeError(f"cannot write the run directory {path} ({exc.strerror or exc}); pass a "
                                "writable folder with --out (or set run.out_dir)") from None
         if lock is None:  # another run took it a moment ago
             continue
