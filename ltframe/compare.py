@@ -20,6 +20,12 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
                            "printed (e.g. runs/<name>)")
     summary = path / "summary.json"
     if not summary.is_file():
+        from ltframe.engine.runlock import holder
+
+        pid = holder(path)
+        if pid is not None:  # never advise resuming a run another process still writes
+            raise LtframeError(f"{run_dir}: still training (process {pid} holds its lock); "
+                               "wait for it to finish, then run this again")
         hint = (f"it has checkpoints but no summary.json: finish it with `ltframe resume {path}`"
                 if (path / "checkpoints").is_dir() else "it is not a run directory")
         raise LtframeError(f"{run_dir}: {hint}")

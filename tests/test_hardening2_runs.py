@@ -86,6 +86,10 @@ def test_second_writer_is_refused_naming_the_pid_and_report_says_still_training(
                     ["compare", str(run_dir)]):
             res = CliRunner().invoke(main, cmd)
             assert "still training" in res.output and "ltframe resume" not in res.output
+        from ltframe.compare import load_summary  # the API says so too
+
+        with pytest.raises(LtframeError, match="still training"):
+            load_summary(run_dir)
     finally:
         lock.release()
     (run_dir / ".lock").write_text("999999999\n")  # a dead process's lock: taken over
