@@ -11,21 +11,23 @@ from typing import Any
 
 import torch
 
-from ltframe.data.sources import IMG_EXTENSIONS, decode_image
+from ltframe.data.sources import IMG_EXTENSIONS, check_regular_file, decode_image, walk_images
 from ltframe.errors import DataError, LtframeError
 
 
 def image_files(items: list[str | Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images (sorted)."""
+    """Files as given, folders searched recursively for images (sorted; hidden entries and
+    non-regular files such as FIFOs skipped). A file given explicitly must be a regular file."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXTENSIONS)
+            found = sorted(Path(f) for f in walk_images(p))
             if not found:
                 raise DataError(f"{item}: no images ({', '.join(IMG_EXTENSIONS)}) in this folder")
             out += found
-        elif p.is_file():
+        elif p.exists() or p.is_symlink():
+            check_regular_file(p)  # a FIFO or device would block when opened
             out.append(p)
         else:
             raise DataError(f"{item}: no such file or folder")

@@ -6,6 +6,7 @@ Every source can also be `[data] unlabeled`: then its images are used without th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,12 +16,15 @@ import torch
 from ltframe.config import param
 from ltframe.data.sources import (
     IMG_EXTENSIONS,
+    SYNTHETIC_BYTES_PER_PIXEL,
     Images,
     SourceData,
+    check_regular_file,
     image_stats,
     load_cifar,
     load_images,
     make_synthetic,
+    physical_memory,
     relative_names,
     scan_class_folders,
     walk_images,
@@ -45,13 +49,17 @@ def cifar100(p: CifarParams, seed: int) -> SourceData:
     return load_cifar(p.root, 100, p.download)
 
 
+#: the largest image side a source may resize to (its square is ltframe's pixel cap)
+MAX_SIDE = 8000
+
+
 @dataclass
 class SyntheticParams:
-    num_classes: int = 10
-    train_per_class: int = 500
-    test_per_class: int = 100
-    image_size: int = 32
-    noise: float = 1.0
+    num_classes: int = param(10, ge=2)
+    train_per_class: int = param(500, ge=1)
+    test_per_class: int = param(100, ge=1)
+    image_size: int = param(32, ge=1, le=MAX_SIDE)
+    noise: float = param(1.0, ge=0)  # std of the pixel noise added to the class patterns
     seed: int = 0  # the data's own seed: the same data for every run seed
 
 
@@ -59,6 +67,15 @@ def synthetic(p: SyntheticParams, seed: int) -> SourceData:
     """Procedural images with class structure (offline default; learnable on a CPU)."""
     if p.num_classes < 2 or p.train_per_class < 1 or p.test_per_class < 1:
         raise DataError("data.source: synthetic needs num_classes >= 2 and >= 1 image per class")
+    n = p.num_classes * max(p.train_per_class, p.test_per_class)
+    need = n * p.image_size**2 * SYNTHETIC_BYTES_PER_PIXEL
+    have = physical_memory()
+    if have and need > have:
+        raise DataError(
+            f"data.source: synthetic would need about {need / 1e9:,.0f} GB to generate "
+            f"{p.num_classes} classes x {max(p.train_per_class, p.test_per_class):,} images of "
+            f"{p.image_size}x{p.image_size}, more than this machine's {have / 1e9:.0f} GB; lower "
+            "data.source.train_per_class, test_per_class, image_size or num_classes")
     return make_synthetic(p.num_classes, p.train_per_class, p.test_per_class, p.image_size,
                           p.noise, p.seed)
 
@@ -83,7 +100,7 @@ class FolderParams:
     root: str = "data"
     train: str = "train"
     test: str = ""  # "" = detect: "test" if root has it, else "val"
-    image_size: int = param(224, ge=1)  # images are resized (short side) and centre-cropped to this
+    image_size: int = param(224, ge=1, le=MAX_SIDE)  # images resized (short side), centre-cropped
     in_memory: bool | None = None  # None: decode into memory when it is small
     mean: Stats | None = None  # None: computed from the training images (the run says so)
     std: Stats | None = None
@@ -121,7 +138,7 @@ def imagefolder(p: FolderParams, seed: int, unlabeled: bool = False) -> SourceDa
 @dataclass
 class UnlabeledFolderParams:
     root: str = "unlabeled"
-    image_size: int = param(0, ge=0)  # 0 = the labelled source's image size
+    image_size: int = param(0, ge=0, le=MAX_SIDE)  # 0 = the labelled source's image size
     # None: decode into memory when under 2 GB and at most 50,000 files; a larger pool stays
     # on disk and is decoded batch by batch on data.workers threads (prefetched)
     in_memory: bool | None = None
@@ -160,58 +177,79 @@ class ListParams:
     test_list: str = "test.txt"
     val_list: str = ""  # optional separate validation list
     unlabeled_list: str = ""  # optional list of unlabeled images ('path' lines)
-    image_size: int = param(224, ge=1)
+    image_size: int = param(224, ge=1, le=MAX_SIDE)
     in_memory: bool | None = None
     mean: Stats | None = None  # None: computed from the training images (the run says so)
     std: Stats | None = None
 
 
 def _read_list(root: Path, name: str, num_classes: int | None = None,
-               train_list: str = "", unlabeled_ok: bool = False) -> tuple[list[str], torch.Tensor]:
+               train_list: str = "", unlabeled_ok: bool = False,
+               outside: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
     """'relative/path label' lines; labels must be >= 0 (and < num_classes when given).
-    With `unlabeled_ok` a line with a path only is an unlabeled image (label -1)."""
+    With `unlabeled_ok` a line with a path only is an unlabeled image (label -1).
+
+    Every listed image must be a regular file (checked with stat, never opened here). Entries
+    that lie outside `root` (absolute or '../' paths) are read as given and appended to
+    `outside` (for the source's note).
+    """
     path = Path(name) if Path(name).is_absolute() else root / name
     if not path.is_file():
         raise DataError(f"list file {path} not found; set data.source.root / the list's name")
+    base = os.path.abspath(root)
     paths, labels = [], []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
         if unlabeled_ok and (len(parts) == 1 or not parts[1].lstrip("-").isdigit()):
-            paths.append(str(root / line.strip()))
-            labels.append(-1)
-            continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise DataError(f"{path}:{n}: expected 'relative/path label', got {line[:80]!r}")
-        label = int(parts[1])
-        if label < 0:
-            raise DataError(f"{path}:{n}: label {label} is negative; labels must be class "
-                            "indices 0..C-1, so renumber them from 0")
-        if num_classes is not None and label >= num_classes:
-            raise DataError(
-                f"{path}:{n}: label {label} is not a training class ({train_list} has labels "
-                f"0..{num_classes - 1}); fix the label or add training images of class {label}"
-            )
-        paths.append(str(root / parts[0]))
+            entry, label = line.strip(), -1
+        else:
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise DataError(f"{path}:{n}: expected 'relative/path label', got {line[:80]!r}")
+            entry, label = parts[0], int(parts[1])
+            if label < 0:
+                raise DataError(f"{path}:{n}: label {label} is negative; labels must be class "
+                                "indices 0..C-1, so renumber them from 0")
+            if num_classes is not None and label >= num_classes:
+                raise DataError(
+                    f"{path}:{n}: label {label} is not a training class ({train_list} has labels "
+                    f"0..{num_classes - 1}); fix the label or add training images of class {label}"
+                )
+        image = str(root / entry)
+        check_regular_file(image, f"{path}:{n}: image")
+        full = os.path.abspath(image)  # normalised, symlinks not followed
+        if outside is not None and os.path.commonpath([base, full]) != base:
+            outside.append(entry)
+        paths.append(image)
         labels.append(label)
     if not paths:
         raise DataError(f"{path} lists no images")
     return paths, torch.tensor(labels, dtype=torch.long)
 
 
+def _outside_note(root: Path, outside: list[str], total: int) -> list[str]:
+    """A note saying how many list entries lie outside the root (read as given)."""
+    if not outside:
+        return []
+    return [f"listfile: {len(outside)} of {total} listed images lie outside data.source.root "
+            f"{root} (absolute or '../' paths, e.g. {outside[0]!r}); they are read as given"]
+
+
 def listfile(p: ListParams, seed: int, unlabeled: bool = False) -> SourceData:
     """root + 'relative/path label' lines (ImageNet-LT / iNaturalist format); lines with a path
     only (in train_list or unlabeled_list) are unlabeled images.
 
-    Classes are 0..max train label; test and val labels must be among them.
+    Classes are 0..max train label; test and val labels must be among them. Entries outside
+    root (absolute or '../' paths) are allowed; a note says how many there are.
     """
     root = Path(p.root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.source.root: {root} does not exist; set it to the image root")
-    tr_paths, tr_y = _read_list(root, p.train_list, unlabeled_ok=True)
+    outside: list[str] = []
+    tr_paths, tr_y = _read_list(root, p.train_list, unlabeled_ok=True, outside=outside)
     if p.unlabeled_list:
-        u_paths, _ = _read_list(root, p.unlabeled_list, unlabeled_ok=True)
+        u_paths, _ = _read_list(root, p.unlabeled_list, unlabeled_ok=True, outside=outside)
         tr_paths, tr_y = tr_paths + u_paths, torch.cat([tr_y, torch.full((len(u_paths),), -1)])
     num_classes = int(tr_y.max()) + 1
     if num_classes == 0 and not unlabeled:
@@ -225,14 +263,18 @@ def listfile(p: ListParams, seed: int, unlabeled: bool = False) -> SourceData:
     if unlabeled:
         return SourceData(train, tr_y, load_images([], p.image_size, True),
                           torch.zeros(0, dtype=torch.long), classes, mean, std,
-                          train_files=names, notes=notes)
-    te_paths, te_y = _read_list(root, p.test_list, num_classes, p.train_list)
-    val = _read_list(root, p.val_list, num_classes, p.train_list) if p.val_list else None
+                          train_files=names,
+                          notes=notes + _outside_note(root, outside, len(tr_paths)))
+    te_paths, te_y = _read_list(root, p.test_list, num_classes, p.train_list, outside=outside)
+    val = (_read_list(root, p.val_list, num_classes, p.train_list, outside=outside)
+           if p.val_list else None)
+    total = len(tr_paths) + len(te_paths) + (len(val[0]) if val else 0)
     return SourceData(
         train, tr_y, load_images(te_paths, p.image_size, p.in_memory), te_y, classes, mean, std,
         val_images=load_images(val[0], p.image_size, p.in_memory) if val else None,
         val_labels=val[1] if val else None, train_files=names,
-        test_files=relative_names(te_paths, root), notes=notes,
+        test_files=relative_names(te_paths, root),
+        notes=notes + _outside_note(root, outside, total),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,18 +121,61 @@ class SourceData:
         return self.train_labels if self.hidden_labels is None else self.hidden_labels
 
 
-def decode_image(path: str, size: int | None) -> Tensor:
-    from PIL import Image
+#: the Pillow formats ltframe decodes (those of IMG_EXTENSIONS, whatever a file's extension):
+#: nothing else is ever opened, so e.g. EPS content never reaches Ghostscript
+IMG_FORMATS = ("JPEG", "PNG", "BMP", "PPM", "WEBP", "TIFF")
+#: the most pixels (width x height, read from the header before decoding) an image may have
+MAX_PIXELS = 64_000_000
 
+
+def check_regular_file(path: str | os.PathLike, what: str = "image") -> None:
+    """DataError unless `path` is a regular file (a FIFO, socket or device would block or
+    never end when opened; checked with stat, which does not open it)."""
     try:
-        with Image.open(path) as img:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"{what} {path} cannot be read ({exc.strerror or exc}); fix the path or "
+                        "remove it from the list") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if
+                stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise DataError(f"{what} {path} is {kind}, not a regular file; only image files are "
+                        "read, so remove it or give an image file")
+
+
+def decode_image(path: str, size: int | None) -> Tensor:
+    """The image file `path` as uint8 [3, H, W] (resized: short side, centre crop, to `size`).
+
+    Only regular files in IMG_FORMATS of at most MAX_PIXELS pixels are decoded; anything else
+    is a one-line DataError naming the file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    check_regular_file(path)
+    try:
+        with Image.open(path, formats=IMG_FORMATS) as img:
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise DataError(_too_large(path, f"{w}x{h} pixels"))
             img = img.convert("RGB")
             if size and img.size != (size, size):
                 img = _resize_center_crop(img, size)
             data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
             return data.view(img.size[1], img.size[0], 3).permute(2, 0, 1).contiguous()
+    except UnidentifiedImageError:
+        raise DataError(f"image {path} is not a {', '.join(IMG_FORMATS[:-1])} or TIFF image "
+                        "(other formats, e.g. EPS or PDF, are never opened); convert it to PNG or "
+                        "JPEG, or remove it") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(_too_large(path, "over Pillow's decompression-bomb limit")) from None
     except OSError as exc:
         raise DataError(f"cannot read image {path}: {exc}; remove or replace the file") from None
+
+
+def _too_large(path: str, dims: str) -> str:
+    return (f"image {path} is too large ({dims}; the cap is {MAX_PIXELS:,} pixels, "
+            "ltframe.data.sources.MAX_PIXELS); resize it or remove it")
 
 
 def _resize_center_crop(img, size: int):
@@ -257,10 +301,25 @@ def image_stats(images: Images, limit: int = 2000) -> tuple[tuple[float, float, 
             tuple(round(float(v), 4) for v in std), count)
 
 
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def load_images(paths: list[str], size: int, in_memory: bool | None) -> Images:
     """Decode into memory when asked, or automatically when the uint8 set is under 2 GB."""
+    need = len(paths) * 3 * size * size
     if in_memory is None:
-        in_memory = len(paths) * 3 * size * size < 2e9
+        in_memory = need < 2e9
+    have = physical_memory()
+    if in_memory and have and need > have:
+        raise DataError(f"data: {len(paths):,} images of {size}x{size} need {need / 1e9:,.1f} GB "
+                        f"in memory, more than this machine's {have / 1e9:.0f} GB; set the "
+                        "source's in_memory = false (decoded batch by batch) or a smaller "
+                        "image_size")
     return stack_images(paths, size) if in_memory else FileImages(paths, size)
 
 
@@ -303,6 +362,10 @@ def load_cifar(root: str, num_classes: int, download: bool) -> SourceData:
 
 
 # --- synthetic -----------------------------------------------------------------------------
+#: peak bytes per pixel (images x height x width) while make_synthetic renders (measured ~52)
+SYNTHETIC_BYTES_PER_PIXEL = 64
+
+
 def make_synthetic(
     num_classes: int, train_per_class: int, test_per_class: int, image_size: int,
     noise: float, seed: int,
