@@ -6,6 +6,8 @@ Every error names the TOML path, the expected type or allowed names and the clos
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -42,16 +44,32 @@ ComponentResolver = Callable[[str, Any, str], ComponentSpec]
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 
+#: the largest integer a recipe may hold (torch and numpy take signed 64-bit integers)
+INT_LIMIT = 2**63 - 1
+#: `param(ref=...)` kinds: a field naming a model head that gives class logits (as many
+#: outputs as classes), any model head (e.g. a projection), or a stage input part
+REFS = ("head", "any_head", "part")
+
+
 def param(default: Any = _MISSING, *, factory: Callable[[], Any] | None = None,
           ge: float | None = None, gt: float | None = None, le: float | None = None,
-          lt: float | None = None) -> Any:
+          lt: float | None = None, finite: bool = True, ref: str | None = None) -> Any:
     """A dataclass field whose numeric value (or every number in a list value) must lie within
     the given bounds; checked when a recipe is read, reported with its TOML path.
 
-    Usable in any plugin's Params: ``batch_size: int = param(128, ge=1)``.
+    Usable in any plugin's Params: ``batch_size: int = param(128, ge=1)``. Every float field
+    of a recipe rejects NaN and inf unless its field says ``finite=False``. ``ref="head"`` marks
+    a string naming a head with one output per class, ``ref="any_head"`` any head (e.g. a
+    projection), ``ref="part"`` a stage input part (e.g. "unlabeled:strong"; "" = not used);
+    all are checked against the model and the stage's data and views before a run starts
+    (fields named `head` and `part` are taken as such refs too).
     """
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
-    meta = {"bounds": bounds}
+    if ref is not None and ref not in REFS:
+        raise ValueError(f"param(ref={ref!r}): use one of {REFS}")
+    meta: dict[str, Any] = {"bounds": bounds, "finite": finite}
+    if ref is not None:
+        meta["ref"] = ref
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -65,6 +83,20 @@ def _num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
+def check_finite(value: Any, path: str, bounds: dict[str, float] | None = None) -> None:
+    """Raise a RecipeError naming `path` when `value` (or a number nested in its lists and
+    tables) is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        rng = f" {bounds_text(bounds)}" if bounds else ""
+        raise RecipeError(f"{path}: {value} is not allowed; give a finite number{rng}")
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_finite(v, _join(path, i), bounds)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, _join(path, str(k)), bounds)
+
+
 def check_bounds(value: Any, bounds: dict[str, float], path: str) -> None:
     """Raise a RecipeError naming `path` when a number in `value` breaks `bounds`."""
     if not bounds or value is None:
@@ -73,6 +105,8 @@ def check_bounds(value: Any, bounds: dict[str, float], path: str) -> None:
     for v in items:
         if isinstance(v, bool) or not isinstance(v, int | float):
             continue
+        if isinstance(v, float) and math.isnan(v):
+            raise RecipeError(f"{path}: nan is out of range; it must be {bounds_text(bounds)}")
         ok = all({"ge": v >= b, "gt": v > b, "le": v <= b, "lt": v < b}[k]
                  for k, b in bounds.items())
         if not ok:
@@ -170,11 +204,17 @@ def convert(
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{path}: expected an integer, got {_show(value)}")
+        if abs(value) > INT_LIMIT:
+            raise RecipeError(f"{path}: {value} does not fit a 64-bit integer; give a value "
+                              f"between -{INT_LIMIT} and {INT_LIMIT}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RecipeError(f"{path}: expected a number, got {_show(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecipeError(f"{path}: {value} is too large for a float") from None
     if tp is str:
         if not isinstance(value, str):
             raise RecipeError(f"{path}: expected a string, got {_show(value)}")
@@ -207,6 +247,8 @@ def from_dict(
             kwargs[name] = convert(
                 hints[name], data[name], _join(path, name), resolver, f.metadata.get("kind")
             )
+            if f.metadata.get("finite", True):
+                check_finite(kwargs[name], _join(path, name), f.metadata.get("bounds"))
             check_bounds(kwargs[name], f.metadata.get("bounds", {}), _join(path, name))
         elif f.metadata.get("kind") and resolver is not None:  # defaults given as names
             default = f.default_factory() if f.default_factory is not _MISSING else f.default
@@ -220,6 +262,33 @@ def from_dict(
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{where}: {exc}") from None
+
+
+def refs(params: Any) -> list[tuple[str, str, str]]:
+    """(field, "head" | "any_head" | "part", value) of each non-empty string field of a Params dataclass
+    that names a model head or a stage input part (`param(ref=...)`, or a field named `head` /
+    `part`)."""
+    if not dataclasses.is_dataclass(params) or isinstance(params, type):
+        return []
+    out = []
+    for f in dataclasses.fields(params):
+        ref = f.metadata.get("ref") or (f.name if f.name in REFS else None)
+        value = getattr(params, f.name)
+        if ref and isinstance(value, str) and value:
+            out.append((f.name, ref, value))
+    return out
+
+
+#: a plain name: becomes part of a file or folder name in the run directory
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def check_plain_name(name: Any, path: str, what: str = "a file name in the run directory") -> None:
+    """`name` becomes part of a path: no separators, no '..', no leading '.', at most 100
+    characters of letters, digits and '._+-'."""
+    if not (isinstance(name, str) and PLAIN_NAME.fullmatch(name) and ".." not in name):
+        raise RecipeError(f"{path}: {name!r} is not a plain name; use 1-100 letters, digits and "
+                          f"'._+-' (no '/', '\\' or '..'; it becomes {what})")
 
 
 def to_plain(obj: Any) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ltframe.config import ComponentSpec, from_dict, param, to_plain
+from ltframe.config import ComponentSpec, check_plain_name, from_dict, param, to_plain
 from ltframe.data.longtail import ProfileCfg, SplitCfg
 from ltframe.errors import RecipeError, allowed, closest
 from ltframe.registry import Registry
@@ -28,10 +28,20 @@ def _c(kind: str, default: Any = None, factory: Any = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+#: run.seed < this: per-stage seeds (seed * 1000 + index, + 500, + 7919 per rank) stay 64-bit
+SEED_LIMIT = 2**48
+#: run.device: auto, cpu, cuda, cuda:N
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
+#: a head name: a Python identifier (it is a module name, and a part path `heads.NAME`)
+HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: a recipe's tables and lists nest at most this deep
+MAX_DEPTH = 32
+
+
 @dataclass
 class RunCfg:
     name: str = "run"
-    seed: int = param(0, ge=0)
+    seed: int = param(0, ge=0, lt=SEED_LIMIT)  # stage seeds are seed * 1000 + stage index
     out_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
@@ -127,7 +137,7 @@ class StageCfg:
 @dataclass
 class EvalCfg:
     many_threshold: int = param(100, ge=0)  # many: > this many labeled training images
-    few_threshold: int = param(20, ge=0)  # few: < this many
+    few_threshold: int = param(20, ge=0)  # few: < this many (<= many_threshold)
     # many/medium/few by labeled-count thresholds ("count") or by class rank ("rank": the first
     # rank_sizes[0] classes by count, the next rank_sizes[1], the rest; paper 000's CIFAR-10: 3/3/4)
     groups: Literal["count", "rank"] = "count"
@@ -137,6 +147,14 @@ class EvalCfg:
         if len(self.rank_sizes) != 2 or any(n < 0 for n in self.rank_sizes):
             raise RecipeError(f"eval.rank_sizes: {self.rank_sizes} must be two counts >= 0 (many, "
                               "medium; few = the remaining classes), e.g. [3, 3]")
+        if self.few_threshold > self.many_threshold:
+            raise RecipeError(f"eval.few_threshold = {self.few_threshold} is above "
+                              f"eval.many_threshold = {self.many_threshold}; few (< few_threshold "
+                              "images) must lie below many (> many_threshold): lower few_threshold "
+                              "or raise many_threshold")
+        if isinstance(self.posthoc_tau, list) and not self.posthoc_tau:
+            raise RecipeError("eval.posthoc_tau = []: give one tau or a non-empty list, e.g. "
+                              "[0.0, 1.0] (0 = no post-hoc adjustment)")
     batch_size: int = param(512, ge=1)
     report: Literal["last", "best", "mean_last_k"] = "last"  # the final stage's number
     last_k: int = param(1, ge=1)  # mean_last_k: mean of the final stage's last k evaluations
@@ -193,10 +211,28 @@ def read_toml(path: str | Path, referrer: str | Path | None = None) -> dict[str,
             data = tomllib.load(fh)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: tables or lists are nested too deeply; a recipe nests at most "
+                          f"{MAX_DEPTH} levels") from None
+    check_depth(data, str(p))
     if not data:
         raise RecipeError(f"recipe {p} is empty; a recipe needs at least a [[stage]] table "
                           "(start from recipes/quickstart.toml)")
     return data
+
+
+def check_depth(data: Any, where: str) -> None:
+    """Tables and lists nested deeper than MAX_DEPTH are refused (without recursion)."""
+    todo = [(data, 0)]
+    while todo:
+        node, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{where}: tables or lists are nested more than {MAX_DEPTH} levels "
+                              "deep; a recipe needs only a few")
+        if isinstance(node, dict):
+            todo.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            todo.extend((v, depth + 1) for v in node)
 
 
 #: top-level tables whose `name` is a plain value, not a choice of component: merged key by key
@@ -249,6 +285,9 @@ def parse_override(item: str) -> tuple[list[str | int], Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # bare strings need no quotes
+    except RecursionError:
+        raise RecipeError(f"--set {key}: the value is nested too deeply") from None
+    check_depth(value, f"--set {key}")
     path: list[str | int] = [int(p) if p.isdigit() else p for p in key.split(".") if p]
     if not path:
         raise RecipeError(f"--set {item!r}: empty key")
@@ -327,7 +366,16 @@ def build_recipe(raw: dict[str, Any], registry: Registry) -> Recipe:
             base = {"schedule": optim_raw.get("schedule", {"name": "constant"})}
         stage_optims.append(_resolve_optim(registry, merge(base, stage.optim), f"{path}.optim"))
     _check_plain_name(run.name)
+    _check_device(run.device)
     _check_backbone_args(model.backbone_args)
+    for name in model.heads:
+        if not HEAD_NAME.fullmatch(name):
+            raise RecipeError(f"model.heads: {name!r} is not a head name; use a Python identifier "
+                              "(letters, digits, '_'; up to 64 characters), e.g. \"main\" or "
+                              "\"aux\" (a head is the model part heads.NAME)")
+    for i, stage in enumerate(stages):
+        check_plain_name(stage.name, f"stage[{i}].name",
+                         "part of checkpoint, predictions and pseudo_labels file names")
     heads = ", ".join(model.heads)
     if model.eval_head not in model.heads:
         raise RecipeError(f"model.eval_head: '{model.eval_head}' is not one of the heads ({heads})")
@@ -348,12 +396,19 @@ def _check_plain_name(name: str) -> None:
 
 
 #: timm keyword arguments that make it read a file (timm unpickles some formats)
-_FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "file", "url")
+_FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "file", "url",
+              "cache_dir", "dir", "path", "root")
+
+
+def _check_device(device: str) -> None:
+    if not DEVICE.fullmatch(device):
+        raise RecipeError(f"run.device: {device!r} is not a training device; use \"auto\", "
+                          "\"cpu\", \"cuda\" or \"cuda:N\"")
 
 
 def _check_backbone_args(args: dict[str, Any]) -> None:
     for key in args:
-        if key in _FILE_ARGS or key.endswith(("_path", "_file", "_url")):
+        if key in _FILE_ARGS or key.endswith(("_path", "_file", "_url", "_dir")):
             raise RecipeError(f"model.backbone_args.{key}: ltframe does not hand file paths or "
                               "URLs to timm's loaders; remove it (model.weights = \"PATH\" reads "
                               "a local file, model.pretrained = true timm's published weights)")

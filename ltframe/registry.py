@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
-from ltframe.config import ComponentSpec, from_dict
+from ltframe.config import INT_LIMIT, ComponentSpec, from_dict
 from ltframe.errors import RecipeError, RegistryError, allowed, closest
 
 #: kind -> (what it builds, context keywords passed to its factory)
@@ -146,10 +147,14 @@ class Registry:
             weight = body.pop("weight")
             if isinstance(weight, bool) or not isinstance(weight, int | float):
                 raise RecipeError(f"{path}.weight: expected a number, got {weight!r}")
+            if not (isinstance(weight, int) or math.isfinite(weight)) or weight < 0:
+                raise RecipeError(f"{path}.weight: {weight} is out of range; a loss weight must "
+                                  "be a finite number >= 0 (0 = logged but not trained)")
         start = 0
         if kind == "loss" and "start" in body:
             start = body.pop("start")
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            if (isinstance(start, bool) or not isinstance(start, int) or start < 0
+                    or start > INT_LIMIT):
                 raise RecipeError(f"{path}.start: expected a step count >= 0 (the stage step "
                                   f"from which the term counts), got {start!r}")
         try:

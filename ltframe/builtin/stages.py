@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ltframe.config import param
 from ltframe.engine.stages import StagePlan
 from ltframe.registry import Registry
 
 
 @dataclass
 class SequenceParams:
-    repeat: int = 1  # run the list of stages this many times
+    repeat: int = param(1, ge=1, le=1000)  # run the list of stages this many times
 
 
 class Sequence:

@@ -59,6 +59,10 @@ from torch import Tensor
 
 from ltframe.config import param
 
+#: pad-and-crop pads at most this many pixels; RandAugment applies at most this many ops
+MAX_PAD = 1024
+MAX_OPS = 64
+
 
 def _rand(gen: torch.Generator, *shape: int, device: torch.device) -> Tensor:
     return torch.rand(*shape, generator=gen).to(device, non_blocking=True)
@@ -95,7 +99,7 @@ class NoneView(Normalize):
 @dataclass
 class WeakParams:
     flip: bool = True
-    pad: int = 4
+    pad: int = param(4, ge=0, le=MAX_PAD)  # pixels padded on each side before the random crop
     padding_mode: Literal["reflect", "zeros"] = "reflect"
 
 
@@ -164,11 +168,16 @@ class ResizedCropView(Normalize):
 
 @dataclass
 class StrongParams:
-    n_ops: int = 2  # RandAugment ops per image (FixMatch: 2; USB's CIFAR pipelines: 3)
-    max_ops: int = 0  # >n_ops: draw the op count per batch uniformly in [n_ops, max_ops]
-    cutout: float = 0.5  # max Cutout side as a fraction of the image side (0 = off)
+    n_ops: int = param(2, ge=0, le=MAX_OPS)  # RandAugment ops per image (FixMatch: 2; USB: 3)
+    max_ops: int = param(0, ge=0, le=MAX_OPS)  # >n_ops: op count per batch uniform in [n_ops, max_ops]
+    cutout: float = param(0.5, ge=0, le=1)  # max Cutout side as a fraction of the side (0 = off)
     flip: bool = True
-    pad: int = 4
+    pad: int = param(4, ge=0, le=MAX_PAD)
+
+    def __post_init__(self) -> None:
+        if 0 < self.max_ops < self.n_ops:
+            raise ValueError(f"max_ops = {self.max_ops} is below n_ops = {self.n_ops}; set "
+                             "max_ops = 0 (always n_ops ops) or max_ops >= n_ops")
 
 
 # --- RandAugment ops -------------------------------------------------------------------------

@@ -40,8 +40,8 @@ from ltframe.registry import Registry
 @dataclass
 class AlternateParams:
     loops: int = param(5, ge=0)  # L
-    g: str = "g"  # the class-balanced classifier (predictions, pseudo-labels)
-    g_prime: str = "g_prime"  # the random-sampling classifier (fine-tuned with f)
+    g: str = param("g", ref="head")  # the class-balanced classifier (predictions, pseudo-labels)
+    g_prime: str = param("g_prime", ref="head")  # the random-sampling classifier (fine-tuned with f)
     classifier_epochs: int = param(10, ge=1)  # "cls" stages (paper: 10)
     finetune_epochs: int = param(40, ge=1)  # "ft" stages (paper: 40)
     # sampler names or tables (e.g. {name = "class_balanced", weighting = "effective_number"})

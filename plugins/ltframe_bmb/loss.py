@@ -42,11 +42,11 @@ from ltframe_bmb.memory import BalancedMemory
 @dataclass
 class BmbParams:
     head: str = "aux"  # the auxiliary head (predictions)
-    weak: str = "unlabeled"  # the view the auxiliary pseudo-labels come from
-    strong: str = "unlabeled:strong"  # the view trained towards them and stored in the memory
+    weak: str = param("unlabeled", ref="part")  # the view the auxiliary pseudo-labels come from
+    strong: str = param("unlabeled:strong", ref="part")  # trained towards them, stored in the memory
     threshold: float = param(0.95, ge=0, le=1)
-    size: int = param(256, ge=1)  # S
-    get: int = param(128, ge=1)  # m items drawn per step
+    size: int = param(256, ge=1, le=2**20)  # S
+    get: int = param(128, ge=1, le=2**20)  # m items drawn per step
     beta_in: float = param(1.0, ge=0)
     beta_get: float = param(1.0, ge=0)
     power: float = param(1.5, ge=0)  # p of the adaptive weights

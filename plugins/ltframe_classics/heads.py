@@ -14,13 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ltframe.config import param
 from ltframe.registry import Registry
+
+#: a head's width (outputs, hidden units) is at most this
+MAX_WIDTH = 2**20
 
 
 @dataclass
 class LinearParams:
     bias: bool = True
-    out_features: int = 0  # 0 = the number of classes (4 for a rotation pretext head)
+    out_features: int = param(0, ge=0, le=MAX_WIDTH)  # 0 = the classes (4: a rotation head)
 
 
 def linear(p: LinearParams, in_features: int, num_classes: int) -> nn.Module:
@@ -30,8 +34,8 @@ def linear(p: LinearParams, in_features: int, num_classes: int) -> nn.Module:
 
 @dataclass
 class MLPParams:
-    hidden: int = 0  # 0 = in_features
-    out_features: int = 128
+    hidden: int = param(0, ge=0, le=MAX_WIDTH)  # 0 = in_features
+    out_features: int = param(128, ge=1, le=MAX_WIDTH)
 
 
 def mlp(p: MLPParams, in_features: int, num_classes: int) -> nn.Module:
@@ -43,7 +47,7 @@ def mlp(p: MLPParams, in_features: int, num_classes: int) -> nn.Module:
 
 @dataclass
 class CosineParams:
-    scale: float = 1.0  # LDAM applies its own s = 30; use ~16 with plain CE
+    scale: float = param(1.0, gt=0)  # LDAM applies its own s = 30; use ~16 with plain CE
 
 
 class CosineHead(nn.Module):
@@ -98,11 +102,16 @@ class LWSHead(nn.Module):
 
 @dataclass
 class TauNormParams:
-    tau: float = 1.0
-    search_min: float = 0.0  # fit() searches tau on the val split over linspace(min, max, n)
-    search_max: float = 2.0
-    search_steps: int = 21
+    tau: float = param(1.0, ge=0)
+    search_min: float = param(0.0, ge=0)  # fit() searches tau on the val split: linspace(min, max, n)
+    search_max: float = param(2.0, ge=0)
+    search_steps: int = param(21, ge=1, le=10_000)
     bias: bool = True  # the trained layer's bias (not used by the normalised logits)
+
+    def __post_init__(self) -> None:
+        if self.search_min > self.search_max:
+            raise ValueError(f"search_min = {self.search_min} is above search_max = "
+                             f"{self.search_max}; the tau search runs from min to max")
 
 
 class TauNormHead(nn.Module):

@@ -24,6 +24,9 @@ from ltframe.errors import DataError
 from ltframe.registry import NoParams, Registry
 from ltframe_classics.losses import cb_weights
 
+#: samples per epoch drawn at most (an index tensor of this size is made each epoch)
+MAX_SAMPLES = 10**9
+
 
 class RandomSampler(SeededSampler):
     """A fresh random permutation each epoch (instance-balanced sampling)."""
@@ -63,7 +66,7 @@ class _ClassWeighted(SeededSampler):
 
 @dataclass
 class ClassBalancedParams:
-    num_samples: int = param(0, ge=0)  # per epoch; 0 = the number of labeled samples
+    num_samples: int = param(0, ge=0, le=MAX_SAMPLES)  # per epoch; 0 = the number of labeled samples
     start_epoch: int = param(0, ge=0)  # > 0: instance sampling before this epoch (DRS)
     weighting: Literal["uniform", "effective_number"] = "uniform"
     beta: float = param(0.9999, ge=0, lt=1)  # effective_number only
@@ -103,8 +106,8 @@ class ClassBalancedSampler(_ClassWeighted):
 
 @dataclass
 class SqrtParams:
-    num_samples: int = param(0, ge=0)
-    power: float = 0.5  # q_c ~ n_c^power (0.5: square-root sampling)
+    num_samples: int = param(0, ge=0, le=MAX_SAMPLES)
+    power: float = param(0.5, ge=-16, le=16)  # q_c ~ n_c^power (0.5: square-root sampling)
 
 
 class SqrtSampler(_ClassWeighted):
@@ -122,7 +125,7 @@ class SqrtSampler(_ClassWeighted):
 @dataclass
 class ProgressiveParams:
     epochs: int = param(200, ge=1)  # T: epochs over which sampling moves to class-balanced
-    num_samples: int = param(0, ge=0)
+    num_samples: int = param(0, ge=0, le=MAX_SAMPLES)
 
 
 class ProgressiveSampler(_ClassWeighted):
@@ -141,8 +144,8 @@ class ProgressiveSampler(_ClassWeighted):
 
 @dataclass
 class ClassAwareParams:
-    per_class: int = param(4, ge=1)  # consecutive images of each picked class
-    num_samples: int = param(0, ge=0)
+    per_class: int = param(4, ge=1, le=MAX_SAMPLES)  # consecutive images of each picked class
+    num_samples: int = param(0, ge=0, le=MAX_SAMPLES)
 
 
 class ClassAwareSampler(SeededSampler):

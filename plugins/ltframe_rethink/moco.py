@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ltframe.config import param
 from ltframe.data.views import Normalize, flip_pad_crop, resized_crop
 from ltframe.data.views import gray_expand as gray
 from ltframe.engine.context import StepContext
@@ -24,12 +25,12 @@ from ltframe.registry import Registry
 
 @dataclass
 class MocoParams:
-    head: str = "proj"  # projection head, e.g. { name = "mlp", out_features = 128 }
-    query: str = "labeled:moco"  # part giving queries
-    key: str = "labeled:moco#1"  # part whose *inputs* the momentum encoder embeds
-    queue_size: int = 65536
-    momentum: float = 0.999
-    temperature: float = 0.2
+    head: str = param("proj", ref="any_head")  # projection head, e.g. { name = "mlp", out_features = 128 }
+    query: str = param("labeled:moco", ref="part")  # part giving queries
+    key: str = param("labeled:moco#1", ref="part")  # part whose *inputs* the momentum encoder embeds
+    queue_size: int = param(65536, ge=1, le=2**24)  # negatives kept (MoCo v2: 65536)
+    momentum: float = param(0.999, ge=0, le=1)  # momentum encoder's EMA decay
+    temperature: float = param(0.2, gt=0)
     mask_same_label: bool = False  # SSD: drop negatives with the query's label
 
 
@@ -128,10 +129,10 @@ class MocoLoss:
 
 @dataclass
 class MocoViewParams:
-    min_scale: float = 0.2  # random resized crop scale range (min, 1)
-    jitter: float = 0.4  # brightness / contrast / saturation strength
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
+    min_scale: float = param(0.2, gt=0, le=1)  # random resized crop scale range (min, 1)
+    jitter: float = param(0.4, ge=0, le=1)  # brightness / contrast / saturation strength
+    jitter_prob: float = param(0.8, ge=0, le=1)
+    gray_prob: float = param(0.2, ge=0, le=1)
     flip: bool = True
 
 

@@ -6,7 +6,7 @@ utils.py `rotation` draws a shuffled balanced label list per batch instead)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,11 @@ from torch import Tensor
 from ltframe.config import param
 from ltframe.data.views import WeakParams, WeakView
 from ltframe.engine.context import StepContext
+from ltframe.errors import RecipeError
 from ltframe.registry import Registry
+
+#: the rotation pretext task's classes (0, 90, 180, 270 degrees)
+ROTATIONS = 4
 
 
 def rotation_labels(n: int, device: torch.device) -> Tensor:
@@ -36,7 +40,7 @@ class RotateParams(WeakParams):
     """The SSP reference's train transform (imbalanced-semi-self pretrain_rot.py:
     RandomCrop(32, padding=4), RandomHorizontalFlip): zero (black) padding, unlike `weak`."""
 
-    pad: int = param(4, ge=0)
+    pad: int = param(4, ge=0, le=1024)
     padding_mode: Literal["reflect", "zeros"] = "zeros"
 
 
@@ -50,7 +54,7 @@ class RotateView(WeakView):
 
 @dataclass
 class RotationLossParams:
-    head: str = "rot"  # a 4-way head, e.g. { name = "linear", out_features = 4 }
+    head: str = param("rot", ref="any_head")  # a 4-way head: { name = "linear", out_features = 4 }
     part: str = "labeled"
 
 
@@ -59,6 +63,14 @@ class RotationLoss:
 
     def __init__(self, params: RotationLossParams, num_classes: int, class_counts: Tensor) -> None:
         self.p = params
+
+    def preflight(self, info: Any) -> None:
+        """Before the run: the head must give (at least) one logit per rotation."""
+        width = info.head_widths.get(self.p.head, ROTATIONS)
+        if width < ROTATIONS:
+            raise RecipeError(f"head '{self.p.head}' has {width} outputs but the rotation loss "
+                              f"predicts {ROTATIONS} rotations; set [model.heads] {self.p.head} = "
+                              f"{{ name = \"linear\", out_features = {ROTATIONS} }}")
 
     def __call__(self, ctx: StepContext) -> Tensor:
         logits = ctx.logits(self.p.part, self.p.head)

@@ -38,22 +38,22 @@ from ltframe.registry import Registry
 
 @dataclass
 class SsdParams:
-    hard: str = "main"  # the teacher's head in stage I-II and the student's hard head
-    soft: str = "soft"  # the student's soft head (stage III predictions)
-    temperature: float = 2.0  # T of the soft labels and the distillation loss
+    hard: str = param("main", ref="head")  # the teacher's head in I-II and the student's hard head
+    soft: str = param("soft", ref="head")  # the student's soft head (stage III predictions)
+    temperature: float = param(2.0, gt=0, le=1000)  # T of the soft labels and the distillation
     teacher: str = "lws"  # decoupled classifier of stage II: lws, crt, tau_norm, ...
-    teacher_epochs: int = 10
+    teacher_epochs: int = param(10, ge=1)
     final: str = "lws"  # decoupled classifier of stage IV, or "none"
-    final_head: str = "soft"  # the stage-III head that stage IV re-balances
-    final_epochs: int = 10
+    final_head: str = param("soft", ref="head")  # the stage-III head that stage IV re-balances
+    final_epochs: int = param(10, ge=1)
     # stages II and IV: lr (0 = stage I's), class-aware samples per class, batch (0 = stage I's);
     # SSD_LT ssd_stage_ii.py (ImageNet-LT): lr 0.2, 2 per class, batch 512
     classifier_lr: float = param(0.0, ge=0)
     classifier_per_class: int = param(4, ge=1)
     classifier_batch_size: int = param(0, ge=0)
-    student_epochs: int = 0  # 0 = stage I's epochs
-    hard_weight: float = 1.0
-    soft_weight: float = 1.0
+    student_epochs: int = param(0, ge=0)  # 0 = stage I's epochs
+    hard_weight: float = param(1.0, ge=0)
+    soft_weight: float = param(1.0, ge=0)
     # the parts stage III trains; [] = the backbone and every head part stage I trained,
     # with the hard head's parts repeated for the soft head (e.g. heads.main.fc -> heads.soft.fc)
     student_train: list[str] = field(default_factory=list)

@@ -78,7 +78,7 @@ class MeanTeacherParams:
     # the student's view; "" = the second unlabeled view (views.unlabeled = ["weak", "weak"]
     # gives "unlabeled:weak" for the teacher and "unlabeled:weak#1" for the student)
     part: str = ""
-    teacher_part: str = "unlabeled"  # the teacher's view (the first unlabeled view)
+    teacher_part: str = param("unlabeled", ref="part")  # the teacher's view (the first unlabeled view)
     head: str = "main"
     warmup: float = param(0.4, ge=0, le=1)  # ramp over this fraction of the stage (USB: 0.4)
     ramp: Literal["linear", "sigmoid"] = "linear"  # USB: linear; the paper: exp(-5 (1 - x)^2)

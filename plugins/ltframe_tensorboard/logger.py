@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ltframe import hookimpl
@@ -16,8 +17,15 @@ EVAL_KEYS = ("top1", "many", "medium", "few", "top5")
 
 @dataclass
 class TensorBoardParams:
-    subdir: str = "tensorboard"  # event files go to RUN/<subdir>/
+    subdir: str = "tensorboard"  # event files go to RUN/<subdir>/ (a relative path inside RUN)
     flush_secs: int = param(30, ge=1)
+
+    def __post_init__(self) -> None:
+        path = PurePosixPath(self.subdir.replace("\\", "/"))
+        if (not self.subdir.strip() or path.is_absolute() or PureWindowsPath(self.subdir).drive
+                or ".." in path.parts or "\0" in self.subdir):
+            raise ValueError(f"subdir: {self.subdir!r} is not a folder inside the run directory; "
+                             "give a relative path without '..', e.g. \"tensorboard\"")
 
 
 class TensorBoardLogger:
@@ -39,8 +47,12 @@ class TensorBoardLogger:
 
     @hookimpl
     def ltframe_run_start(self, run: Any) -> None:
-        self.writer = self._writer_cls(str(run.run_dir / self.p.subdir),
-                                       flush_secs=self.p.flush_secs)
+        root = Path(run.run_dir).resolve()
+        folder = (root / self.p.subdir).resolve()
+        if not folder.is_relative_to(root):  # a link inside the run directory leads out of it
+            raise RecipeError(f"run.loggers: tensorboard subdir {self.p.subdir!r} resolves to "
+                              f"{folder}, outside the run directory {root}")
+        self.writer = self._writer_cls(str(folder), flush_secs=self.p.flush_secs)
 
     @hookimpl
     def ltframe_log(self, run: Any, event: str, data: dict) -> None:
