@@ -34,6 +34,8 @@ SEED_LIMIT = 2**48
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 #: a head name: a Python identifier (it is a module name, and a part path `heads.NAME`)
 HEAD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: batch sizes (images per step) at most
+MAX_BATCH = 2**20
 #: a recipe's tables and lists nest at most this deep
 MAX_DEPTH = 32
 
@@ -62,10 +64,11 @@ class DataCfg:
     unlabeled: ComponentSpec | None = _c("source", None)
     longtail: ProfileCfg = field(default_factory=ProfileCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
-    val_per_class: int = param(0, ge=0)  # balanced val split from images the LT subset leaves unused
+    # a balanced val split from images the long-tailed subset leaves unused
+    val_per_class: int = param(0, ge=0, le=10**9)
     val_first: bool = False  # older protocol: val carved first, the profile from the rest
-    batch_size: int = param(128, ge=1)
-    workers: int = param(4, ge=0)  # threads decoding file-backed images
+    batch_size: int = param(128, ge=1, le=MAX_BATCH)
+    workers: int = param(4, ge=0, le=256)  # threads decoding file-backed images
     on_device: Literal["auto", "yes", "no"] = "auto"  # keep uint8 images on the GPU
 
 
@@ -105,8 +108,8 @@ class StageCfg:
     # (with their pseudo-labels, see `label`); unlabeled: the whole unlabeled pool, no targets
     data: Literal["labeled", "unlabeled", "labeled+unlabeled", "labeled+pseudo",
                   "labeled+pseudo+unlabeled", "pseudo", "pseudo+unlabeled"] = "labeled"
-    batch_size: int = param(0, ge=0)  # 0 = data.batch_size
-    unlabeled_ratio: int = param(1, ge=1)  # unlabeled batch = ratio x batch_size (mu)
+    batch_size: int = param(0, ge=0, le=MAX_BATCH)  # 0 = data.batch_size
+    unlabeled_ratio: int = param(1, ge=1, le=1024)  # unlabeled batch = ratio x batch_size (mu)
     sampler: ComponentSpec = _c("sampler", "random")
     unlabeled_sampler: ComponentSpec = _c("sampler", "random")
     # the unlabeled stream's samples: the unlabeled split, or every training sample (labeled
@@ -155,7 +158,7 @@ class EvalCfg:
         if isinstance(self.posthoc_tau, list) and not self.posthoc_tau:
             raise RecipeError("eval.posthoc_tau = []: give one tau or a non-empty list, e.g. "
                               "[0.0, 1.0] (0 = no post-hoc adjustment)")
-    batch_size: int = param(512, ge=1)
+    batch_size: int = param(512, ge=1, le=MAX_BATCH)
     report: Literal["last", "best", "mean_last_k"] = "last"  # the final stage's number
     last_k: int = param(1, ge=1)  # mean_last_k: mean of the final stage's last k evaluations
     # post-hoc logit adjustment: logits - tau * log(labeled prior); a list gives one row per tau

@@ -39,7 +39,7 @@ from ltframe.registry import Registry
 
 @dataclass
 class AlternateParams:
-    loops: int = param(5, ge=0)  # L
+    loops: int = param(5, ge=0, le=1000)  # L
     g: str = param("g", ref="head")  # the class-balanced classifier (predictions, pseudo-labels)
     g_prime: str = param("g_prime", ref="head")  # the random-sampling classifier (fine-tuned with f)
     classifier_epochs: int = param(10, ge=1)  # "cls" stages (paper: 10)

@@ -31,7 +31,7 @@ class DecoupledParams:
     classifier: Literal["crt", "lws", "tau_norm", "ncm"] = "crt"
     epochs: int = param(10, ge=1)  # classifier stage (crt, lws)
     head: str = param("main", ref="head")  # the head re-balanced (ncm: the ncm head evaluated)
-    per_class: int = param(4, ge=1)  # class-aware sampler
+    per_class: int = param(4, ge=1, le=2**20)  # class-aware sampler
     lr: float = param(0.0, ge=0)  # classifier stage lr; 0 = the representation stage's lr
     frozen_bn: Literal["frozen", "update"] = "update"  # the frozen backbone's BatchNorm (crt, lws)
 

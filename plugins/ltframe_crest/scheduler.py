@@ -23,7 +23,7 @@ from ltframe_crest.select import CrestSelectParams
 
 @dataclass
 class CrestParams:
-    generations: int = param(6, ge=1)  # G (CReST+ 6, CReST 15 in the paper)
+    generations: int = param(6, ge=1, le=1000)  # G (CReST+ 6, CReST 15 in the paper)
     alpha: float = param(3.0, gt=0)  # selection rate exponent 1/alpha (the code's --alpha)
     ratio: float = param(0.0, ge=0)  # selection rates: 0 = labeled counts; > 0 = this imbalance ratio
     progressive: bool = True  # set `t` of the stage's pseudo-labeler per generation (CReST+)

@@ -49,8 +49,8 @@ class SsdParams:
     # stages II and IV: lr (0 = stage I's), class-aware samples per class, batch (0 = stage I's);
     # SSD_LT ssd_stage_ii.py (ImageNet-LT): lr 0.2, 2 per class, batch 512
     classifier_lr: float = param(0.0, ge=0)
-    classifier_per_class: int = param(4, ge=1)
-    classifier_batch_size: int = param(0, ge=0)
+    classifier_per_class: int = param(4, ge=1, le=2**20)
+    classifier_batch_size: int = param(0, ge=0, le=2**20)
     student_epochs: int = param(0, ge=0)  # 0 = stage I's epochs
     hard_weight: float = param(1.0, ge=0)
     soft_weight: float = param(1.0, ge=0)

@@ -90,7 +90,7 @@ class AlignParams(ThresholdParams):
     # count, head first), as the CReST code's gt_p_data
     ratio: float = param(0.0, ge=0)
     p_model: Literal["window", "ema"] = "window"  # how the model's class marginal is estimated
-    window: int = param(128, ge=1)  # window: number of batch means kept (CReST: 128)
+    window: int = param(128, ge=1, le=2**20)  # window: number of batch means kept (CReST: 128)
     momentum: float = param(0.999, ge=0, lt=1)  # ema: p_model <- m p_model + (1 - m) mean p
 
 
