@@ -464,7 +464,7 @@ def test_components_piped_prints_full_names_one_line_each_and_json():
     cb = next(r for r in rows if r["name"] == "class_balanced")
     assert cb["plugin"] == "classics" and cb["description"].startswith("Class-balanced sampling")
     assert {"name": "num_samples", "type": "int", "required": False, "default": 0,
-            "range": ">= 0"}.items() <= next(p for p in cb["params"] if p["name"] == "num_samples").items()
+            "range": ">= 0 and <= 1000000000"}.items() <= next(p for p in cb["params"] if p["name"] == "num_samples").items()
     assert next(r for r in rows if r["name"] == "random")["aliases"] == ["instance"]
 
 
