@@ -464,7 +464,8 @@ def test_components_piped_prints_full_names_one_line_each_and_json():
     cb = next(r for r in rows if r["name"] == "class_balanced")
     assert cb["plugin"] == "classics" and cb["description"].startswith("Class-balanced sampling")
     assert {"name": "num_samples", "type": "int", "required": False, "default": 0,
-            "range": ">= 0 and <= 1000000000"}.items() <= next(p for p in cb["params"] if p["name"] == "num_samples").items()
+            "range": ">= 0 and <= 1000000000"}.items() <= next(
+        p for p in cb["params"] if p["name"] == "num_samples").items()
     assert next(r for r in rows if r["name"] == "random")["aliases"] == ["instance"]
 
 
@@ -474,7 +475,8 @@ def test_components_kind_name_explains_each_parameter():
     row = next(x for x in res.output.splitlines() if x.startswith("threshold "))
     # inherited field (ThresholdParams): type, default, range and the field's comment
     assert re.match(r"threshold\s+float\s+0\.95\s+>= 0 and <= 1\s+keep max p >= threshold", row)
-    assert re.search(r"^window\s+int\s+128\s+>= 1\s+window: number of batch means", res.output, re.M)
+    assert re.search(r"^window\s+int\s+128\s+>= 1 and <= 1048576\s+window: number of batch means",
+                     res.output, re.M)
     info = json.loads(invoke("components", "loss", "la", "--json").output)
     assert info["aliases"] == ["logit_adjusted"] and info["kind"] == "loss"
     assert "aliases: instance" in invoke("components", "sampler", "random").output

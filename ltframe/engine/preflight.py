@@ -3,6 +3,7 @@ parts, views and components built against the data and the model (nothing is tra
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -60,6 +61,8 @@ class StageInfo:
     parts: list[str]  # the stage's input parts: labeled, labeled:weak, unlabeled:strong, ...
     total_steps: int | None  # optimizer steps of the stage (None: not known before the run)
     extras: dict[str, Any] = field(default_factory=dict)
+    role: str = ""  # how the stage uses the component: loss, pseudo_labeler, transform
+    soft_labels: bool = False  # an earlier stage gave the training samples soft labels
 
 
 def head_widths(model: Any) -> dict[str, int]:
@@ -131,9 +134,10 @@ class _Stage:
     """One planned stage's checks; `fitted` are the heads fitted so far (this stage's `fit`
     added at its end)."""
 
-    def __init__(self, run: Any, plan: StagePlan, widths: dict[str, int], fitted: set[str]):
+    def __init__(self, run: Any, plan: StagePlan, widths: dict[str, int], fitted: set[str],
+                 soft_labels: bool = False):
         self.run, self.plan, self.cfg = run, plan, plan.cfg
-        self.widths, self.fitted = widths, fitted
+        self.widths, self.fitted, self.soft_labels = widths, fitted, soft_labels
         self.model = run.model
         self.where = f"stage '{plan.name}' (stage[{plan.index}])"
 
@@ -250,7 +254,7 @@ class _Stage:
     def _build(self, params: list) -> None:
         run, cfg, d, plan = self.run, self.cfg, self.run.data, self.plan
         info = StageInfo(plan, self.model, d.num_classes, self.widths, self.parts, self.total,
-                         plan.extras)
+                         plan.extras, soft_labels=self.soft_labels)
         seed = run.recipe.run.seed * 1000 + plan.index
         data = cfg.data.split("+")
         labels = d.labeled_labels.cpu()
@@ -292,7 +296,7 @@ class _Stage:
             check = getattr(comp, "preflight", None)
             if callable(check):
                 try:
-                    check(info)
+                    check(dataclasses.replace(info, role=key.split("[")[0]))
                 except LtframeError as exc:
                     self.fail(key, str(exc))
 
@@ -338,6 +342,7 @@ def preflight(run: Any) -> None:
     history: list[dict] = []
     labelled = False
     fitted: set[str] = set()
+    soft = False
     while len(history) < PREFLIGHT_STAGES:
         try:
             plan = scheduler.next_stage(history)
@@ -353,11 +358,14 @@ def preflight(run: Any) -> None:
                          "scheduler)", "part of checkpoint, predictions and pseudo_labels "
                          "file names; rename the recipe's [[stage]] it is derived from")
         check_plan_data(plan, splits.unlabeled.numel() > 0, labelled)
-        _Stage(run, plan, widths, fitted).check()
+        _Stage(run, plan, widths, fitted, soft).check()
         fitted |= {p.removeprefix("heads.") for p in plan.cfg.fit}
         fitted -= {p.removeprefix("heads.") for p in plan.cfg.reset if p.startswith("heads.")}
         if plan.cfg.label is not None:
             labelled = True
+            # soft targets for the labeled samples (e.g. ssd's teacher), replacing earlier ones
+            soft = (getattr(plan.cfg.label.params, "hard", True) is False
+                    and plan.cfg.label_pool in ("labeled", "all"))
         history.append({"stage": plan.name, "index": plan.index})
     if not history:
         raise RecipeError(f"scheduler '{run.recipe.scheduler.name}' plans no stage for this "

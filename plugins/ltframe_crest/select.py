@@ -11,6 +11,7 @@ ratio formula N_c / N_0 = ratio^(-c / (C - 1)) (`ratio > 0`). No confidence thre
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,6 +65,11 @@ class CrestSelect:
     def __init__(self, params: CrestSelectParams, num_classes: int, class_counts: Tensor) -> None:
         self.p = params
         self.rates = keep_rates(class_counts, params.alpha, params.ratio)
+
+    def preflight(self, info: Any) -> None:
+        """Before the run: refused as a stage's online pseudo_labeler."""
+        if info.role == "pseudo_labeler":
+            self(None)  # type: ignore[arg-type]
 
     def __call__(self, ctx: StepContext) -> PseudoLabels:
         raise RecipeError("pseudo_labeler 'crest_select' labels whole pools between stages only; "

@@ -14,7 +14,7 @@ each augmented batch, the soft labels here are computed once (un-augmented, eval
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,18 +33,25 @@ class DistillParams:
     form: Literal["ce", "kl"] = "kl"  # the reference's F.kl_div (same gradient as "ce")
 
 
+NEEDS_SOFT = ("loss distill needs soft labels for the stage's samples: label the training set "
+              "in an earlier stage (label = { name = \"threshold\", threshold = 0.0, hard = false, "
+              "temperature = 2.0 }, label_pool = \"labeled\"), or use the `ssd` scheduler")
+
+
 class DistillLoss:
     """T^2-scaled soft cross-entropy (or KL) to the table's soft labels; see the module docstring."""
 
     def __init__(self, params: DistillParams) -> None:
         self.p = params
 
+    def preflight(self, info: Any) -> None:
+        """Before the run: an earlier stage must give the training samples soft labels."""
+        if not info.soft_labels:
+            raise LtframeError(NEEDS_SOFT)
+
     def __call__(self, ctx: StepContext) -> Tensor:
         if ctx.soft_targets is None:
-            raise LtframeError(
-                "loss distill needs soft labels for the stage's samples: label the training set "
-                "in an earlier stage (label = { name = \"threshold\", threshold = 0.0, hard = false, "
-                "temperature = 2.0 }, label_pool = \"labeled\"), or use the `ssd` scheduler")
+            raise LtframeError(NEEDS_SOFT)
         t = self.p.temperature
         log_q = F.log_softmax(ctx.logits(self.p.part, self.p.head).float() / t, dim=1)
         soft = ctx.soft_targets.float()

@@ -8,7 +8,7 @@ Each is the unsupervised term only: the supervised term is another loss of the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ltframe.config import param
 from ltframe.engine.context import StepContext
+from ltframe.errors import LtframeError
 from ltframe.registry import Registry
 from ltframe_ssl.common import (
     linear_ramp,
@@ -98,6 +99,14 @@ class MeanTeacherLoss:
 
     def __init__(self, params: MeanTeacherParams) -> None:
         self.p = params
+
+    def preflight(self, info: Any) -> None:
+        """Before the run: the stage needs a teacher model."""
+        cfg = info.plan.cfg
+        if cfg.teacher == "ema" and cfg.ema <= 0:
+            raise LtframeError("loss 'mean_teacher' needs a teacher model but this stage has "
+                               "none: set stage.ema > 0 (teacher = \"ema\") or stage.teacher = "
+                               "\"start\"")
 
     def __call__(self, ctx: StepContext) -> Tensor:
         part = self.p.part or second_unlabeled_view(ctx, "loss 'mean_teacher'")

@@ -26,6 +26,7 @@ ctx.step), so a resumed stage is bit-identical and runs with other seeds or gene
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ from ltframe_ssl.common import linear_ramp, normalize, one_hot, soft_cross_entro
 
 KEY = "mixmatch"  # ctx.extras key of the mixed targets
 
+
+MIXES = ("transform 'mixmatch' mixes labeled and unlabeled batches; use data = "
+         "\"labeled+unlabeled\" and views.unlabeled = [\"weak\", \"weak\"] (K = 2 guesses)")
 
 @dataclass
 class MixMatchParams:
@@ -72,13 +76,16 @@ class MixMatchTransform:
         self.seed = params.seed * 1_000_003 + seed  # the recipe's seed and the stage's
         self.last_lam: float | None = None
 
+    def preflight(self, info: Any) -> None:
+        """Before the run: the stage must have labeled and unlabeled batches."""
+        if not {"labeled", "unlabeled"} <= set(info.parts):
+            raise LtframeError(MIXES)
+
     def _parts(self, ctx: StepContext) -> tuple[str, list[str]]:
         labeled = view_parts(ctx, "labeled")
         unlabeled = view_parts(ctx, "unlabeled")
         if not labeled or not unlabeled or ctx.targets is None:
-            raise LtframeError("transform 'mixmatch' mixes labeled and unlabeled batches; use "
-                               "data = \"labeled+unlabeled\" and views.unlabeled = "
-                               "[\"weak\", \"weak\"] (K = 2 guesses)")
+            raise LtframeError(MIXES)
         return labeled[0], unlabeled
 
     @torch.no_grad()
