@@ -1,0 +1,297 @@
+"""Lean, sync-free RandAugment + Cutout on uint8 image batches (issue 19), on any device.
+
+RandAugment (Cubuk et al. 2020, "RandAugment", CVPR-W) in FixMatch's variant as USB implements it
+(microsoft/Semi-supervised-learning, semilearn/datasets/augmentation/randaugment.py,
+``augment_list``): each image gets ``n_ops`` ops drawn uniformly with replacement from OPS, each
+with a magnitude m ~ U(RANGES[op]) drawn per image and op; ``invert`` is defined but not drawn.
+The ops, ranges and fills are those of ``ltframe.data.views`` (see its docstring); here each op
+works on uint8 [B,3,H,W] with a [B] tensor of magnitudes and equals the
+torchvision.transforms.v2.functional call on the uint8 image, applied per image:
+
+    op             m (RANGES)          torchvision.transforms.v2.functional (uint8 image)
+    identity       -                   -
+    autocontrast   -                   autocontrast
+    equalize       -                   equalize
+    brightness     [0.05, 0.95]        adjust_brightness(m)
+    color          [0.05, 0.95]        adjust_saturation(m)
+    contrast       [0.05, 0.95]        adjust_contrast(m)
+    sharpness      [0.05, 0.95]        adjust_sharpness(m)
+    posterize      [4, 8)              posterize(bits=floor(m))
+    solarize       [0, 1]              solarize(threshold=255 * m)
+    rotate         [-30, 30] degrees   rotate(m)  (nearest, fill 0)
+    shear_x/y      [-0.3, 0.3]         affine(shear=deg(atan(m)) on x / y, center=[0, 0])
+    translate_x/y  [-0.3, 0.3]         affine(translate=m * W / m * H)
+
+How it stays lean and static (no host sync, fixed kernel sequence for a given n_ops):
+- per round, every colour op is ONE per-sample, per-channel 256-entry lookup table (LUT) built on
+  [B,3,256] (identity, autocontrast, equalize, brightness, contrast, posterize, solarize, invert)
+  and applied with one ``gather`` on uint8; ``color`` / ``sharpness`` are per-sample blends whose
+  factor is 1 (an exact identity) for the images that did not draw them;
+- the geometric ops of all rounds are composed into one affine matrix per image and applied with
+  ONE nearest ``grid_sample`` after the colour rounds;
+- random draws come from ``gen`` on the images' device; constants are built once per device.
+
+Differences from ``views.rand_augment`` (float ops in the drawn order):
+- values are uint8 between ops (as in USB / PIL and torchvision's uint8 kernels), so colour ops
+  round (truncate) like torchvision's uint8 path instead of staying in float;
+- an image's geometric ops all apply after its colour ops, composed into a single resampling:
+  with one geometric op per image this is exact; with two or more, content moved out and back in
+  is kept (sequential nearest warps fill it with 0) and pixels are rounded once instead of per
+  op; colour statistics (autocontrast, equalize, contrast) never see the geometric fill, and the
+  fill stays 0 (a later solarize in USB may turn it white). Same op and magnitude draws.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The ops `strong` draws from and their magnitude ranges (USB's augment_list; m ~ U(lo, hi)).
+RANGES: dict[str, tuple[float, float]] = {
+    "rotate": (-30.0, 30.0), "shear_x": (-0.3, 0.3), "shear_y": (-0.3, 0.3),
+    "translate_x": (-0.3, 0.3), "translate_y": (-0.3, 0.3),
+    "identity": (0.0, 1.0), "autocontrast": (0.0, 1.0), "brightness": (0.05, 0.95),
+    "color": (0.05, 0.95), "contrast": (0.05, 0.95), "equalize": (0.0, 1.0), "posterize": (4.0, 8.0),
+    "sharpness": (0.05, 0.95), "solarize": (0.0, 1.0),
+}
+OPS: tuple[str, ...] = tuple(RANGES)
+GEOMETRIC: tuple[str, ...] = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_CODES: tuple[str, ...] = (*OPS, "invert")  # op codes; invert is never drawn
+_C = {name: i for i, name in enumerate(_CODES)}
+# candidate LUT kinds, in the order _colour_round stacks them; other codes use the identity LUT
+_LUT_KINDS = ("identity", "autocontrast", "equalize", "brightness", "contrast", "posterize",
+              "solarize", "invert")
+
+
+class _Consts:
+    """Per-device constants (built once; indexing and arithmetic on them never syncs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ranges = torch.tensor([RANGES[n] for n in OPS], device=device)  # [n_ops, 2] lo, hi
+        self.ranges[:, 1] -= self.ranges[:, 0]  # -> lo, span
+        kind = [_LUT_KINDS.index(n) if n in _LUT_KINDS else 0 for n in _CODES]
+        self.lut_kind = torch.tensor(kind, device=device)  # op code -> candidate LUT index
+        self.levels = torch.arange(256, dtype=torch.float32, device=device)
+        self.ones_i32 = torch.ones(1, dtype=torch.int32, device=device)
+        a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's adjust_sharpness kernel
+        self.sharp = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=device).expand(3, 1, 3, 3)
+        self.last_row = torch.tensor([0.0, 0.0, 1.0], device=device).view(1, 1, 3)
+        self.identity = torch.tensor(_C["identity"], device=device)
+
+
+@cache
+def _consts(device: torch.device) -> _Consts:
+    return _Consts(device)
+
+
+@cache
+def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """torchvision's _affine_grid base ([1, H*W, 3], centred pixel coordinates) and 1 / (W/2, H/2)."""
+    base = torch.empty(1, h, w, 3, dtype=dtype, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device)[:, None])
+    base[..., 2].fill_(1)
+    return base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], dtype=dtype, device=device)
+
+
+@cache
+def _centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.arange(h, device=device)[None] + 0.5, torch.arange(w, device=device)[None] + 0.5)
+
+
+def _col(t: Tensor) -> Tensor:
+    return t.view(-1, 1, 1)
+
+
+def _check_u8(x: Tensor) -> None:
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise TypeError(f"expected a uint8 [B,3,H,W] batch, got {x.dtype} {tuple(x.shape)}")
+
+
+# --- colour ops: one LUT gather + one blend per round ------------------------------------------
+
+
+def _gray_floor(xf: Tensor) -> Tensor:
+    """torchvision's uint8 grayscale before rounding: floor(0.2989 R + 0.587 G + 0.114 B), [B,1,H,W]."""
+    return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114).floor_()[:, None]
+
+
+def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
+    """One round of colour ops: image i gets op `_CODES[code[i]]` at magnitude m[i] (geometric
+    codes and identity leave it unchanged). x uint8 [B,3,H,W]; code long [B]; m float [B]."""
+    b, c, h, w = x.shape
+    k = _consts(x.device)
+    lv = k.levels  # [256] levels 0..255 as float
+    flat = x.reshape(b, c, h * w)
+    idx = flat.long()
+    xf = x.float()
+    m3 = _col(m)
+
+    # statistics of the round's input (for every image: static shapes)
+    hist = torch.zeros(b, c, 256, dtype=torch.int32, device=x.device)
+    hist.scatter_add_(2, idx, k.ones_i32.expand(b, c, h * w))
+    lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
+    gray = _gray_floor(xf)  # [B,1,H,W]
+    mean = gray.mean((1, 2, 3)).view(b, 1, 1)
+
+    # candidate LUTs, each [B,3,256] or broadcastable to it (float values before clamp/truncation)
+    # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
+    lo, hi = lo.float(), hi.float()
+    flat_ch = hi == lo
+    inv_scale = torch.where(flat_ch, 1.0, (hi - lo).mul_(1.0 / 255))
+    auto = (lv - torch.where(flat_ch, 0.0, lo)).div_(inv_scale)
+    # equalize (PIL's LUT as torchvision computes it; a channel with step 0 is unchanged)
+    cum = hist.cumsum(2)
+    top = hist.gather(2, cum.argmax(2, keepdim=True))
+    step = (h * w - top).div_(255, rounding_mode="floor")
+    equal = (cum - hist + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
+    equal = torch.where(step != 0, equal.float(), lv)
+    # brightness, contrast (_blend: v * m + (1 - m) * mean, fused like torchvision's add_(alpha))
+    bright = lv * m3
+    contr = torch.addcmul(bright, mean, 1 - m3)
+    # posterize: keep the top floor(m) bits (m >= 8: unchanged)
+    q = torch.exp2(8 - m3.floor().clamp(1, 8))
+    poster = (lv / q).floor_().mul_(q)
+    # solarize: invert levels >= 255 * m
+    sol = torch.where(lv >= m3 * 255, 255 - lv, lv)
+    inv = 255 - lv
+    cands = [lv, auto, equal, bright, contr, poster, sol, inv]
+    lut = torch.stack([t.expand(b, c, 256) for t in cands])  # [K,B,3,256]
+    kind = k.lut_kind[code].view(1, b, 1, 1).expand(1, b, c, 256)
+    lut = lut.gather(0, kind)[0].clamp_(0, 255).to(torch.uint8)
+    y = lut.gather(2, idx).view(b, c, h, w)
+
+    # blends (factor 1 = exact identity): color with the gray image, sharpness with the blur
+    f_col = torch.where(code == _C["color"], m, 1.0).view(b, 1, 1, 1)
+    out = torch.addcmul(y.float().mul_(f_col), gray, 1 - f_col).clamp_(0, 255)
+    out = out.trunc_()  # torchvision casts each op's result to uint8
+    if h > 2 and w > 2:
+        f_sh = torch.where(code == _C["sharpness"], m, 1.0).view(b, 1, 1, 1)
+        blur = F.conv2d(xf, k.sharp.to(xf.dtype), groups=c).round_()
+        inner = out[:, :, 1:-1, 1:-1]
+        inner.addcmul_(blur.sub_(inner), 1 - f_sh)
+        out.clamp_(0, 255)
+    return out.to(torch.uint8)
+
+
+def _colour_op(name: str):
+    def op(x: Tensor, m: Tensor) -> Tensor:
+        _check_u8(x)
+        code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
+        return _colour_round(x, code, m.to(device=x.device, dtype=torch.float32))
+
+    op.__name__ = name
+    return op
+
+
+# --- geometric ops: one affine matrix per image, one grid_sample --------------------------------
+
+
+def _matrices(code: Tensor, m: Tensor, h: int, w: int) -> Tensor:
+    """Inverse affine matrices [..., 3, 3] (output pixel -> input pixel, coordinates centred on
+    the image, as torchvision's _get_inverse_affine_matrix) of the geometric op drawn at each
+    position of `code` (identity elsewhere):
+    rotate: counter-clockwise by m degrees; shear_x: x_in = x_out + m * y_out about the top-left
+    corner; shear_y: y_in = y_out + m * x_out; translate_x / _y: content moves by m * W / m * H."""
+    zero = torch.zeros_like(m)
+    rot = torch.where(code == _C["rotate"], m, zero) * (math.pi / 180)
+    shx = torch.where(code == _C["shear_x"], m, zero)
+    shy = torch.where(code == _C["shear_y"], m, zero)
+    tx = torch.where(code == _C["translate_x"], m, zero)
+    ty = torch.where(code == _C["translate_y"], m, zero)
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    rows = [cos, shx - sin, shx * (h / 2) - tx * w, sin + shy, cos, shy * (w / 2) - ty * h,
+            zero, zero, zero + 1]
+    return torch.stack(rows, -1).view(*m.shape, 3, 3)
+
+
+def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
+    """Per-sample affine warp, fill 0, on torchvision's grid (its _affine_grid, batched); theta
+    [B,2,3] inverse matrices in centred pixel coordinates. uint8 is warped as float and rounded
+    back (exact for nearest)."""
+    b, c, h, w = x.shape
+    dt = x.dtype if x.is_floating_point() else torch.float32
+    base, half = _grid_base(h, w, x.device, dt)
+    grid = base.expand(b, -1, -1).bmm(theta.to(dt).transpose(1, 2) / half).view(b, h, w, 2)
+    out = F.grid_sample(x.to(dt), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    if x.dtype == torch.uint8:
+        if mode != "nearest":
+            out = out.round_()
+        out = out.to(torch.uint8)
+    return out
+
+
+def _geometric_op(name: str):
+    def op(x: Tensor, m: Tensor, mode: str = "nearest") -> Tensor:
+        code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
+        mm = m.to(device=x.device, dtype=torch.float32)
+        return warp(x, _matrices(code, mm, x.shape[2], x.shape[3])[:, :2], mode)
+
+    op.__name__ = name
+    return op
+
+
+OP_FNS = {name: _geometric_op(name) for name in GEOMETRIC} | {
+    name: _colour_op(name) for name in _CODES if name not in GEOMETRIC}
+
+
+def draw_ops(gen: torch.Generator, b: int, n_ops: int, max_ops: int = 0,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Op codes [R,B] (long) and magnitudes [R,B] for R = max(n_ops, max_ops) rounds. Draws from
+    `gen`, in this order: with max_ops > n_ops the batch's op count k ~ U{n_ops..max_ops} (rounds
+    from k on are identity), then per round B op uniforms then B magnitude uniforms (on a CPU
+    generator the same numbers as views.rand_augment)."""
+    device = torch.device(device)
+    k = _consts(device)
+    rounds = max(n_ops, max_ops)
+    count = None
+    if max_ops > n_ops:
+        count = n_ops + torch.randint(0, max_ops - n_ops + 1, (1,), generator=gen, device=device)
+    u = torch.rand(rounds, 2, b, generator=gen, device=device)
+    code = (u[:, 0] * len(OPS)).long()
+    if count is not None:
+        active = torch.arange(rounds, device=device)[:, None] < count
+        code = torch.where(active, code, k.identity)
+    r = k.ranges[code]  # [R,B,2] lo, span
+    return code, r[..., 0] + r[..., 1] * u[:, 1]  # as views.rand_augment rounds it
+
+
+def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
+    """Apply op codes / magnitudes [R,B] (from draw_ops) to uint8 x: the colour ops round by round,
+    then all geometric ops of every round composed into one warp (see the module docstring)."""
+    _check_u8(x)
+    for r in range(code.shape[0]):
+        x = _colour_round(x, code[r], m[r])
+    if code.shape[0]:
+        mats = _matrices(code, m, x.shape[2], x.shape[3])  # [R,B,3,3]
+        total = mats[0]
+        for r in range(1, code.shape[0]):
+            total = total.bmm(mats[r])  # apply round 0's op first: in = T0 T1 ... out
+        x = warp(x, total[:, :2])
+    return x
+
+
+def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int, max_ops: int = 0) -> Tensor:
+    """RandAugment on a uint8 [B,3,H,W] batch -> uint8: `n_ops` ops per image (or a per-batch
+    count in [n_ops, max_ops]), ops and magnitudes drawn per image from `gen` (a generator on
+    x's device). A fixed kernel sequence for given (n_ops, max_ops); no host sync."""
+    code, m = draw_ops(gen, x.shape[0], n_ops, max_ops, x.device)
+    return apply_ops(x, code, m)
+
+
+def cutout(x: Tensor, gen: torch.Generator, max_frac: float, fill: float = 0.5) -> Tensor:
+    """Per-sample square Cutout of side v * max_frac * H at a uniform centre (v ~ U(0,1); draws
+    [B,3] from `gen` on x's device), clipped at the border, filled with `fill` (on [0, 1]; uint8
+    images get round(255 * fill))."""
+    b, _, h, w = x.shape
+    r = torch.rand(b, 3, generator=gen, device=x.device)
+    half = (r[:, 0] * max_frac * h / 2)[:, None]
+    cy, cx = (r[:, 1] * h)[:, None], (r[:, 2] * w)[:, None]
+    ys, xs = _centres(h, w, x.device)
+    inside = ((ys - cy).abs() < half)[:, :, None] & ((xs - cx).abs() < half)[:, None, :]
+    value = fill if x.is_floating_point() else round(255 * fill)
+    return torch.where(inside[:, None], value, x)
