@@ -77,8 +77,6 @@ class _Consts:
         self.lut_kind = torch.tensor(kind, device=device)  # op code -> candidate LUT index
         self.levels = torch.arange(256, dtype=torch.float32, device=device)
         self.ones_i32 = torch.ones(1, dtype=torch.int32, device=device)
-        a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's adjust_sharpness kernel
-        self.sharp = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=device).expand(3, 1, 3, 3)
         self.last_row = torch.tensor([0.0, 0.0, 1.0], device=device).view(1, 1, 3)
         self.identity = torch.tensor(_C["identity"], device=device)
 
@@ -122,25 +120,24 @@ def _gray_floor(xf: Tensor) -> Tensor:
 
 def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     """One round of colour ops: image i gets op `_CODES[code[i]]` at magnitude m[i] (geometric
-    codes and identity leave it unchanged). x uint8 [B,3,H,W]; code long [B]; m float [B]."""
+    codes and identity leave it unchanged). x float [B,3,H,W] holding uint8 levels (0..255
+    integers), code long [B], m float [B]; returns the same kind of batch."""
     b, c, h, w = x.shape
     k = _consts(x.device)
     lv = k.levels  # [256] levels 0..255 as float
     flat = x.reshape(b, c, h * w)
     idx = flat.long()
-    xf = x.float()
     m3 = _col(m)
 
     # statistics of the round's input (for every image: static shapes)
     hist = torch.zeros(b, c, 256, dtype=torch.int32, device=x.device)
     hist.scatter_add_(2, idx, k.ones_i32.expand(b, c, h * w))
     lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
-    gray = _gray_floor(xf)  # [B,1,H,W]
+    gray = _gray_floor(x)  # [B,1,H,W]
     mean = gray.mean((1, 2, 3)).view(b, 1, 1)
 
     # candidate LUTs, each [B,3,256] or broadcastable to it (float values before clamp/truncation)
     # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
-    lo, hi = lo.float(), hi.float()
     flat_ch = hi == lo
     inv_scale = torch.where(flat_ch, 1.0, (hi - lo).mul_(1.0 / 255))
     auto = (lv - torch.where(flat_ch, 0.0, lo)).div_(inv_scale)
@@ -162,27 +159,34 @@ def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     cands = [lv, auto, equal, bright, contr, poster, sol, inv]
     lut = torch.stack([t.expand(b, c, 256) for t in cands])  # [K,B,3,256]
     kind = k.lut_kind[code].view(1, b, 1, 1).expand(1, b, c, 256)
-    lut = lut.gather(0, kind)[0].clamp_(0, 255).to(torch.uint8)
+    lut = lut.gather(0, kind)[0].clamp_(0, 255).trunc_()  # torchvision casts to uint8
     y = lut.gather(2, idx).view(b, c, h, w)
 
-    # blends (factor 1 = exact identity): color with the gray image, sharpness with the blur
+    # blends (factor 1 = an exact identity): color with the gray image, sharpness with the blur;
+    # one image draws at most one of them, so one clamp + truncation at the end serves both
     f_col = torch.where(code == _C["color"], m, 1.0).view(b, 1, 1, 1)
-    out = torch.addcmul(y.float().mul_(f_col), gray, 1 - f_col).clamp_(0, 255)
-    out = out.trunc_()  # torchvision casts each op's result to uint8
+    out = torch.addcmul(y.mul_(f_col), gray, 1 - f_col)
     if h > 2 and w > 2:
         f_sh = torch.where(code == _C["sharpness"], m, 1.0).view(b, 1, 1, 1)
-        blur = F.conv2d(xf, k.sharp.to(xf.dtype), groups=c).round_()
         inner = out[:, :, 1:-1, 1:-1]
-        inner.addcmul_(blur.sub_(inner), 1 - f_sh)
-        out.clamp_(0, 255)
-    return out.to(torch.uint8)
+        inner.addcmul_(_blur(x).sub_(inner), 1 - f_sh)
+    return out.clamp_(0, 255).trunc_()
+
+
+def _blur(x: Tensor) -> Tensor:
+    """torchvision's sharpness blur of the interior, rounded: round((3x3 sum + 4 centre) / 13).
+    Sums of levels are exact in float32 and the quotient is never within 1/26 of a half, so this
+    equals rounding torchvision's conv2d with the 1/13, 5/13 kernel."""
+    s = F.avg_pool2d(x, 3, stride=1, divisor_override=1)
+    return s.add_(x[:, :, 1:-1, 1:-1], alpha=4).div_(13).round_()
 
 
 def _colour_op(name: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
         _check_u8(x)
         code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
-        return _colour_round(x, code, m.to(device=x.device, dtype=torch.float32))
+        out = _colour_round(x.float(), code, m.to(device=x.device, dtype=torch.float32))
+        return out.to(torch.uint8)
 
     op.__name__ = name
     return op
@@ -264,15 +268,16 @@ def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     """Apply op codes / magnitudes [R,B] (from draw_ops) to uint8 x: the colour ops round by round,
     then all geometric ops of every round composed into one warp (see the module docstring)."""
     _check_u8(x)
+    if code.shape[0] == 0:
+        return x
+    xf = x.float()
     for r in range(code.shape[0]):
-        x = _colour_round(x, code[r], m[r])
-    if code.shape[0]:
-        mats = _matrices(code, m, x.shape[2], x.shape[3])  # [R,B,3,3]
-        total = mats[0]
-        for r in range(1, code.shape[0]):
-            total = total.bmm(mats[r])  # apply round 0's op first: in = T0 T1 ... out
-        x = warp(x, total[:, :2])
-    return x
+        xf = _colour_round(xf, code[r], m[r])
+    mats = _matrices(code, m, x.shape[2], x.shape[3])  # [R,B,3,3]
+    total = mats[0]
+    for r in range(1, code.shape[0]):
+        total = total.bmm(mats[r])  # round 0's op applies first: input = T0 T1 ... output
+    return warp(xf, total[:, :2]).to(torch.uint8)
 
 
 def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int, max_ops: int = 0) -> Tensor:
