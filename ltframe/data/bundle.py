@@ -236,14 +236,54 @@ def save_splits(bundle: DataBundle, run_dir: Path) -> None:
     atomic_write_json(d / "counts.json", bundle.counts())
 
 
+def read_split_file(f: Path, n_train: int) -> list[int]:
+    """The indices of a split file written by `save_splits`: one integer in 0..n_train-1 a
+    line, none twice. A damaged or edited file is a DataError naming it and the fix."""
+    fix = ("restore it (e.g. from a backup or a copy of the run), or start a new run with "
+           "ltframe run")
+    if not f.is_file():
+        raise DataError(f"{f} is missing; the run directory is incomplete: {fix}")
+    try:
+        text = f.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{f} cannot be read ({exc}); {fix}") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif text:
+        raise DataError(f"{f} is truncated (its last line '{lines[-1][:20]}' has no line end); "
+                        f"{fix}")
+    out: list[int] = []
+    seen: set[int] = set()
+    for n, line in enumerate(lines, start=1):
+        if not line.isdigit():
+            raise DataError(f"{f}:{n}: {line[:20]!r} is not a training-image index; the file was "
+                            f"edited or damaged: {fix}")
+        i = int(line)
+        if i >= n_train:
+            raise DataError(f"{f}:{n}: index {i} is out of range (the training set has {n_train} "
+                            f"images); the file was edited or damaged: {fix}")
+        if i in seen:
+            raise DataError(f"{f}:{n}: index {i} is listed twice; the file was edited or "
+                            f"damaged: {fix}")
+        seen.add(i)
+        out.append(i)
+    return out
+
+
 def check_splits(bundle: DataBundle, run_dir: Path) -> None:
-    """On resume: the recomputed splits must equal the saved ones."""
+    """On resume: the saved split files must be intact and equal to the recomputed splits."""
     d = run_dir / "splits"
+    n_train = len(bundle.train)
     for name in ("labeled", "unlabeled", "val"):
         f = d / f"{name}.txt"
-        if not f.is_file():
-            raise DataError(f"{f} is missing; the run directory is incomplete")
-        saved = [int(x) for x in f.read_text().split()]
-        if saved != getattr(bundle.splits, name).tolist():
-            raise DataError(f"the {name} split differs from {f}: the data or its options "
-                            "changed since the run started; resume with the same data")
+        saved = read_split_file(f, n_train)
+        now = getattr(bundle.splits, name).tolist()
+        if saved != now:
+            k = next((j for j, (a, b) in enumerate(zip(saved, now, strict=False)) if a != b),
+                     min(len(saved), len(now)))
+            raise DataError(
+                f"the {name} split differs from {f} ({len(saved)} saved indices, {len(now)} now; "
+                f"first difference at line {k + 1}): the file was edited, or the data or its "
+                "options changed since the run started; restore the file or the data, or start "
+                "a new run with ltframe run")
