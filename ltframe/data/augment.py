@@ -62,9 +62,8 @@ OPS: tuple[str, ...] = tuple(RANGES)
 GEOMETRIC: tuple[str, ...] = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 _CODES: tuple[str, ...] = (*OPS, "invert")  # op codes; invert is never drawn
 _C = {name: i for i, name in enumerate(_CODES)}
-# candidate LUT kinds, in the order _colour_round stacks them; other codes use the identity LUT
-_LUT_KINDS = ("identity", "autocontrast", "equalize", "brightness", "contrast", "posterize",
-              "solarize", "invert")
+# LUTs that depend on the magnitude only, stacked in this order; other codes take the identity
+_STATIC_LUTS = ("identity", "brightness", "posterize", "solarize", "invert")
 
 
 class _Consts:
@@ -73,11 +72,17 @@ class _Consts:
     def __init__(self, device: torch.device) -> None:
         self.ranges = torch.tensor([RANGES[n] for n in OPS], device=device)  # [n_ops, 2] lo, hi
         self.ranges[:, 1] -= self.ranges[:, 0]  # -> lo, span
-        kind = [_LUT_KINDS.index(n) if n in _LUT_KINDS else 0 for n in _CODES]
-        self.lut_kind = torch.tensor(kind, device=device)  # op code -> candidate LUT index
+        static = [_STATIC_LUTS.index(n) if n in _STATIC_LUTS else 0 for n in _CODES]
+        self.static_kind = torch.tensor(static, device=device)  # op code -> index in _STATIC_LUTS
+        # op code -> one-hot over (rotate, shear_x, shear_y, translate_x, translate_y)
+        self.geo_sel = torch.tensor([[float(n == g) for g in GEOMETRIC] for n in _CODES], device=device)
         self.levels = torch.arange(256, dtype=torch.float32, device=device)
+        self.inverted = 255 - self.levels
         self.ones_i32 = torch.ones(1, dtype=torch.int32, device=device)
-        self.last_row = torch.tensor([0.0, 0.0, 1.0], device=device).view(1, 1, 3)
+        self.one = torch.ones((), device=device)
+        # trigonometric part of a rotation's 3x3 matrix (cos, sin) -> 9 entries, plus the corner 1
+        self.trig = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 0], [0, -1, 0, 1, 0, 0, 0, 0, 0]], device=device)
+        self.corner = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 1], device=device)
         self.identity = torch.tensor(_C["identity"], device=device)
 
 
@@ -87,8 +92,18 @@ def _consts(device: torch.device) -> _Consts:
 
 
 @cache
+def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
+    """(shear_x, shear_y, translate_x, translate_y) magnitudes -> the 9 matrix entries they add."""
+    t = torch.zeros(4, 9, device=device)
+    t[0, 1], t[0, 2] = 1.0, h / 2  # shear_x: x_in = x_out + m * (y_out + h / 2)
+    t[1, 3], t[1, 5] = 1.0, w / 2  # shear_y: y_in = y_out + m * (x_out + w / 2)
+    t[2, 2], t[3, 5] = -float(w), -float(h)  # translate: x_in = x_out - m * W (y: - m * H)
+    return t
+
+
+@cache
 def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """torchvision's _affine_grid base ([1, H*W, 3], centred pixel coordinates) and 1 / (W/2, H/2)."""
+    """torchvision's _affine_grid base ([1, H*W, 3], centred pixel coordinates) and (W/2, H/2)."""
     base = torch.empty(1, h, w, 3, dtype=dtype, device=device)
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device)[:, None])
@@ -101,10 +116,6 @@ def _centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return (torch.arange(h, device=device)[None] + 0.5, torch.arange(w, device=device)[None] + 0.5)
 
 
-def _col(t: Tensor) -> Tensor:
-    return t.view(-1, 1, 1)
-
-
 def _check_u8(x: Tensor) -> None:
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
         raise TypeError(f"expected a uint8 [B,3,H,W] batch, got {x.dtype} {tuple(x.shape)}")
@@ -113,21 +124,44 @@ def _check_u8(x: Tensor) -> None:
 # --- colour ops: one LUT gather + one blend per round ------------------------------------------
 
 
+class _Plan:
+    """What the rounds need from the op codes and magnitudes [R,B], computed once per call."""
+
+    def __init__(self, code: Tensor, m: Tensor) -> None:
+        k = _consts(code.device)
+        lv = k.levels
+        m1 = m[..., None]  # [R,B,1]
+        self.bright = lv * m1  # brightness LUT, also contrast's v * m
+        q = torch.exp2(8 - m1.floor().clamp(1, 8))  # posterize: keep the top floor(m) bits
+        poster = (lv / q).floor_().mul_(q)
+        sol = torch.where(lv >= m1 * 255, k.inverted, lv)  # solarize: invert levels >= 255 m
+        shape = self.bright.shape
+        cands = torch.stack([lv.expand(shape), self.bright, poster, sol, k.inverted.expand(shape)])
+        kind = k.static_kind[code][None, ..., None].expand(1, *shape)
+        self.static = cands.gather(0, kind)[0][:, :, None]  # [R,B,1,256]
+        self.contrast_alpha = (1 - m)[..., None, None]  # [R,B,1,1] (torchvision's 1 - factor)
+        self.is_auto = (code == _C["autocontrast"])[..., None, None]
+        self.is_equal = (code == _C["equalize"])[..., None, None]
+        self.is_contrast = (code == _C["contrast"])[..., None, None]
+        f_col = torch.where(code == _C["color"], m, k.one)[..., None, None, None]  # 1: identity
+        f_sh = torch.where(code == _C["sharpness"], m, k.one)[..., None, None, None]
+        self.f_col, self.g_col, self.g_sh = f_col, 1 - f_col, 1 - f_sh
+
+
 def _gray_floor(xf: Tensor) -> Tensor:
     """torchvision's uint8 grayscale before rounding: floor(0.2989 R + 0.587 G + 0.114 B), [B,1,H,W]."""
     return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114).floor_()[:, None]
 
 
-def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
-    """One round of colour ops: image i gets op `_CODES[code[i]]` at magnitude m[i] (geometric
-    codes and identity leave it unchanged). x float [B,3,H,W] holding uint8 levels (0..255
-    integers), code long [B], m float [B]; returns the same kind of batch."""
+def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
+    """Round r of the colour ops: image i gets its op at its magnitude (geometric codes and
+    identity leave it unchanged). x float [B,3,H,W] holding uint8 levels (0..255 integers); the
+    result is the same kind of batch, each op's result truncated to uint8 as torchvision does."""
     b, c, h, w = x.shape
     k = _consts(x.device)
-    lv = k.levels  # [256] levels 0..255 as float
+    lv = k.levels
     flat = x.reshape(b, c, h * w)
     idx = flat.long()
-    m3 = _col(m)
 
     # statistics of the round's input (for every image: static shapes)
     hist = torch.zeros(b, c, 256, dtype=torch.int32, device=x.device)
@@ -136,10 +170,10 @@ def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     gray = _gray_floor(x)  # [B,1,H,W]
     mean = gray.mean((1, 2, 3)).view(b, 1, 1)
 
-    # candidate LUTs, each [B,3,256] or broadcastable to it (float values before clamp/truncation)
+    # LUTs that need the statistics (float values; clamp and truncation come at the end)
     # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
     flat_ch = hi == lo
-    inv_scale = torch.where(flat_ch, 1.0, (hi - lo).mul_(1.0 / 255))
+    inv_scale = torch.where(flat_ch, k.one, (hi - lo).mul_(1.0 / 255))
     auto = (lv - torch.where(flat_ch, 0.0, lo)).div_(inv_scale)
     # equalize (PIL's LUT as torchvision computes it; a channel with step 0 is unchanged)
     cum = hist.cumsum(2)
@@ -147,29 +181,19 @@ def _colour_round(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     step = (h * w - top).div_(255, rounding_mode="floor")
     equal = (cum - hist + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
     equal = torch.where(step != 0, equal.float(), lv)
-    # brightness, contrast (_blend: v * m + (1 - m) * mean, fused like torchvision's add_(alpha))
-    bright = lv * m3
-    contr = torch.addcmul(bright, mean, 1 - m3)
-    # posterize: keep the top floor(m) bits (m >= 8: unchanged)
-    q = torch.exp2(8 - m3.floor().clamp(1, 8))
-    poster = (lv / q).floor_().mul_(q)
-    # solarize: invert levels >= 255 * m
-    sol = torch.where(lv >= m3 * 255, 255 - lv, lv)
-    inv = 255 - lv
-    cands = [lv, auto, equal, bright, contr, poster, sol, inv]
-    lut = torch.stack([t.expand(b, c, 256) for t in cands])  # [K,B,3,256]
-    kind = k.lut_kind[code].view(1, b, 1, 1).expand(1, b, c, 256)
-    lut = lut.gather(0, kind)[0].clamp_(0, 255).trunc_()  # torchvision casts to uint8
-    y = lut.gather(2, idx).view(b, c, h, w)
+    # contrast: v * m + (1 - m) * mean, fused like torchvision's _blend (add_ with alpha)
+    contr = torch.addcmul(plan.bright[r][:, None], mean, plan.contrast_alpha[r])
+    lut = torch.where(plan.is_contrast[r], contr, plan.static[r])
+    lut = torch.where(plan.is_auto[r], auto, lut)
+    lut = torch.where(plan.is_equal[r], equal, lut)
+    y = lut.expand(b, c, 256).gather(2, idx).view(b, c, h, w)
 
     # blends (factor 1 = an exact identity): color with the gray image, sharpness with the blur;
-    # one image draws at most one of them, so one clamp + truncation at the end serves both
-    f_col = torch.where(code == _C["color"], m, 1.0).view(b, 1, 1, 1)
-    out = torch.addcmul(y.mul_(f_col), gray, 1 - f_col)
+    # an image draws one op per round, so one clamp + truncation at the end serves every op
+    out = torch.addcmul(y.mul_(plan.f_col[r]), gray, plan.g_col[r])
     if h > 2 and w > 2:
-        f_sh = torch.where(code == _C["sharpness"], m, 1.0).view(b, 1, 1, 1)
         inner = out[:, :, 1:-1, 1:-1]
-        inner.addcmul_(_blur(x).sub_(inner), 1 - f_sh)
+        inner.addcmul_(_blur(x).sub_(inner), plan.g_sh[r])
     return out.clamp_(0, 255).trunc_()
 
 
@@ -184,9 +208,9 @@ def _blur(x: Tensor) -> Tensor:
 def _colour_op(name: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
         _check_u8(x)
-        code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
-        out = _colour_round(x.float(), code, m.to(device=x.device, dtype=torch.float32))
-        return out.to(torch.uint8)
+        code = torch.full((1, x.shape[0]), _C[name], dtype=torch.long, device=x.device)
+        plan = _Plan(code, m.to(device=x.device, dtype=torch.float32)[None])
+        return _colour_round(x.float(), plan, 0).to(torch.uint8)
 
     op.__name__ = name
     return op
@@ -200,17 +224,13 @@ def _matrices(code: Tensor, m: Tensor, h: int, w: int) -> Tensor:
     the image, as torchvision's _get_inverse_affine_matrix) of the geometric op drawn at each
     position of `code` (identity elsewhere):
     rotate: counter-clockwise by m degrees; shear_x: x_in = x_out + m * y_out about the top-left
-    corner; shear_y: y_in = y_out + m * x_out; translate_x / _y: content moves by m * W / m * H."""
-    zero = torch.zeros_like(m)
-    rot = torch.where(code == _C["rotate"], m, zero) * (math.pi / 180)
-    shx = torch.where(code == _C["shear_x"], m, zero)
-    shy = torch.where(code == _C["shear_y"], m, zero)
-    tx = torch.where(code == _C["translate_x"], m, zero)
-    ty = torch.where(code == _C["translate_y"], m, zero)
-    cos, sin = torch.cos(rot), torch.sin(rot)
-    rows = [cos, shx - sin, shx * (h / 2) - tx * w, sin + shy, cos, shy * (w / 2) - ty * h,
-            zero, zero, zero + 1]
-    return torch.stack(rows, -1).view(*m.shape, 3, 3)
+    corner; shear_y: y_in = y_out + m * x_out; translate_x / _y: content moves by m * W / m * H.
+    Each entry has one non-zero term, so it equals views.py's per-op matrix exactly."""
+    k = _consts(code.device)
+    p = k.geo_sel[code] * m[..., None]  # [..., 5]: the drawn op's magnitude in its column
+    rot = p[..., 0] * (math.pi / 180)
+    trig = torch.stack([torch.cos(rot), torch.sin(rot)], -1) @ k.trig + k.corner
+    return (p[..., 1:] @ _geo_lin(h, w, code.device)).add_(trig).view(*m.shape, 3, 3)
 
 
 def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
@@ -270,9 +290,10 @@ def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     _check_u8(x)
     if code.shape[0] == 0:
         return x
+    plan = _Plan(code, m)
     xf = x.float()
     for r in range(code.shape[0]):
-        xf = _colour_round(xf, code[r], m[r])
+        xf = _colour_round(xf, plan, r)
     mats = _matrices(code, m, x.shape[2], x.shape[3])  # [R,B,3,3]
     total = mats[0]
     for r in range(1, code.shape[0]):
