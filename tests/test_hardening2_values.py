@@ -186,6 +186,8 @@ CASES = [
      "(stage[1]).fit[0]: 'heads.main' ('linear') has no fit() method"),
     ("first stage's train part", "tiny", ['stage[0].train=["heads.nope"]'],
      "(stage[0]).train[0]: unknown model part 'heads.nope'"),
+    ("first stage's reset part", "tiny", ['stage[0].reset=["heads.nope"]'],
+     "(stage[0]).reset[0]: unknown model part 'heads.nope'"),
     ("loss head", "tiny", ['stage[0].loss=[{name="ce",head="nope"}]'],
      "(stage[0]).loss[0].head: 'nope' is not one of the model's heads"),
     ("loss part", "tiny", ['stage[0].loss=[{name="ce",part="unlabeled"}]'],
