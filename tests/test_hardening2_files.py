@@ -270,3 +270,22 @@ def test_in_memory_decoding_larger_than_memory_is_refused(monkeypatch, tmp_path)
     monkeypatch.setattr(sources, "physical_memory", lambda: 1000, raising=False)
     with pytest.raises(DataError, match=r"need .* GB in memory.*in_memory = false"):
         sources.load_images([str(tmp_path / "x.png")] * 10, 32, True)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"longtail": {"name": "pareto", "n_max": 5, "n_min": 10}},
+     r"data\.longtail\.n_min = 10 is above n_max = 5"),
+    ({"split": {"name": "multiple", "multiple": 1e308}}, r"data\.split\.multiple: .*<= 1000000"),
+])
+def test_long_tail_cross_field_and_range_checks(registry, data, message):
+    with pytest.raises(RecipeError, match=message):
+        _data(registry, **data)
+
+
+@pytest.mark.parametrize("shape", [0.01, 1e300])
+def test_pareto_shape_that_cannot_be_drawn_is_a_recipe_error(shape):
+    from ltframe.data.longtail import ProfileCfg, SplitCfg, make_splits
+
+    y = torch.arange(4).repeat_interleave(24)
+    with pytest.raises(RecipeError, match=r"data\.longtail\.shape = .* out of the range pareto"):
+        make_splits(y, 4, ProfileCfg(name="pareto", shape=shape), SplitCfg(), 0, 0)

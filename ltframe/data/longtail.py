@@ -39,6 +39,12 @@ class ProfileCfg:
     reverse: bool = False  # tail first (e.g. for the unlabeled set)
     class_order: list[str] = field(default_factory=list)  # class names, head first; [] = by count
 
+    def __post_init__(self) -> None:
+        if self.name in ("pareto", "lomax") and self.n_max and self.n_min > self.n_max:
+            raise RecipeError(f"data.longtail.n_min = {self.n_min} is above n_max = {self.n_max}; "
+                              "the smallest class count must not exceed the head's: lower n_min "
+                              "or raise n_max")
+
 
 @dataclass
 class SplitCfg:
@@ -50,13 +56,13 @@ class SplitCfg:
     labeled_ratio: float = param(100.0, ge=1)  # counts: gamma_l
     unlabeled_head: int = param(3000, ge=0)  # counts: M_1
     unlabeled_ratio: float = 100.0  # counts/multiple: gamma_u, |gamma_u| >= 1 (negative = reversed order)
-    multiple: float = param(5.0, gt=0)  # multiple: unlabeled total = k x labeled total
+    multiple: float = param(5.0, gt=0, le=1e6)  # multiple: unlabeled total = k x labeled total
     # multiple: the unlabeled profile; "ratio" = exponential with unlabeled_ratio, "labeled" =
     # k x each class's labeled count (the labeled profile, whatever it is, e.g. lomax)
     unlabeled_shape: Literal["ratio", "labeled"] = "ratio"
 
     def __post_init__(self) -> None:
-        if abs(self.unlabeled_ratio) < 1:
+        if not abs(self.unlabeled_ratio) >= 1 or math.isinf(self.unlabeled_ratio):
             raise RecipeError(
                 f"data.split.unlabeled_ratio: {self.unlabeled_ratio:g} is out of range; it must be "
                 ">= 1, or <= -1 for the reversed (tail-first) order"
@@ -115,6 +121,9 @@ def profile_counts(cfg: ProfileCfg, num_classes: int, available: int | list[int]
         g = torch.Generator().manual_seed(seed)
         u = torch.rand(c, generator=g)
         draws = (1 - u).pow(-1 / cfg.shape) - 1  # Lomax(shape, scale=1)
+        if not (torch.isfinite(draws).all() and draws.max() > 0):  # float32 over/underflow
+            raise RecipeError(f"data.longtail.shape = {cfg.shape:g} is out of the range pareto can "
+                              "draw from; use a shape between 0.2 and 1e6 (typical: 1 to 10)")
         draws = (draws / draws.max()).sort(descending=True).values
         counts = [int(round(cfg.n_min + (n_max - cfg.n_min) * float(d))) for d in draws]
     elif cfg.name == "lomax":
