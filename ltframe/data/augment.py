@@ -84,6 +84,11 @@ class _Consts:
         self.trig = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 0], [0, -1, 0, 1, 0, 0, 0, 0, 0]], device=device)
         self.corner = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 1], device=device)
         self.identity = torch.tensor(_C["identity"], device=device)
+        self.zero = torch.zeros((), device=device)
+        # op code -> flags (autocontrast, equalize, contrast, color, sharpness)
+        flags = [[n == f for f in ("autocontrast", "equalize", "contrast", "color", "sharpness")]
+                 for n in _CODES]
+        self.flags = torch.tensor(flags, device=device)
 
 
 @cache
@@ -140,12 +145,11 @@ class _Plan:
         kind = k.static_kind[code][None, ..., None].expand(1, *shape)
         self.static = cands.gather(0, kind)[0][:, :, None]  # [R,B,1,256]
         self.contrast_alpha = (1 - m)[..., None, None]  # [R,B,1,1] (torchvision's 1 - factor)
-        self.is_auto = (code == _C["autocontrast"])[..., None, None]
-        self.is_equal = (code == _C["equalize"])[..., None, None]
-        self.is_contrast = (code == _C["contrast"])[..., None, None]
-        f_col = torch.where(code == _C["color"], m, k.one)[..., None, None, None]  # 1: identity
-        f_sh = torch.where(code == _C["sharpness"], m, k.one)[..., None, None, None]
-        self.f_col, self.g_col, self.g_sh = f_col, 1 - f_col, 1 - f_sh
+        flags = k.flags[code][..., None, None]  # [R,B,5,1,1]
+        self.is_auto, self.is_equal, self.is_contrast = flags[:, :, 0], flags[:, :, 1], flags[:, :, 2]
+        f = torch.where(flags[:, :, 3:, :, :, None], m[..., None, None, None, None], k.one)  # 1: identity
+        self.f_col, g = f[:, :, 0], 1 - f  # [R,B,1,1,1]
+        self.g_col, self.g_sh = g[:, :, 0], g[:, :, 1]
 
 
 def _gray_floor(xf: Tensor) -> Tensor:
@@ -174,7 +178,7 @@ def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
     # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
     flat_ch = hi == lo
     inv_scale = torch.where(flat_ch, k.one, (hi - lo).mul_(1.0 / 255))
-    auto = (lv - torch.where(flat_ch, 0.0, lo)).div_(inv_scale)
+    auto = (lv - torch.where(flat_ch, k.zero, lo)).div_(inv_scale)
     # equalize (PIL's LUT as torchvision computes it; a channel with step 0 is unchanged)
     cum = hist.cumsum(2)
     top = hist.gather(2, cum.argmax(2, keepdim=True))
@@ -198,11 +202,11 @@ def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
 
 
 def _blur(x: Tensor) -> Tensor:
-    """torchvision's sharpness blur of the interior, rounded: round((3x3 sum + 4 centre) / 13).
-    Sums of levels are exact in float32 and the quotient is never within 1/26 of a half, so this
-    equals rounding torchvision's conv2d with the 1/13, 5/13 kernel."""
-    s = F.avg_pool2d(x, 3, stride=1, divisor_override=1)
-    return s.add_(x[:, :, 1:-1, 1:-1], alpha=4).div_(13).round_()
+    """torchvision's sharpness blur of the interior, rounded: round(3x3 sum / 13 + 4 centre / 13).
+    On integer levels the exact value is never within 1/26 of a half, far above float32 rounding,
+    so this equals rounding torchvision's conv2d with the 1/13, 5/13 kernel."""
+    s = F.avg_pool2d(x, 3, stride=1, divisor_override=13)
+    return s.add_(x[:, :, 1:-1, 1:-1], alpha=4 / 13).round_()
 
 
 def _colour_op(name: str):
