@@ -153,6 +153,13 @@ CASES = [
      "data.batch_size: 36893488147419103232 does not fit a 64-bit integer"),
     ("backbone_args.cache_dir", "tiny", ['model.backbone_args.cache_dir="/tmp"'],
      "model.backbone_args.cache_dir: ltframe does not hand file paths"),
+    ("image size the backbone cannot take", "tiny", ['model.backbone="vit_tiny_patch16_224"'],
+     "model.backbone: 'vit_tiny_patch16_224' cannot take the data's 16x16 images"),
+    ("backbone_args img_size 0", "tiny", ['model.backbone="vit_tiny_patch16_224"',
+                                          "model.backbone_args.img_size=0"],
+     "model.backbone_args: timm cannot build vit_tiny_patch16_224"),
+    ("backbone_args nan", "tiny", ["model.backbone_args.drop_rate=nan"],
+     "model.backbone_args.drop_rate: nan is not allowed"),
     # found only after training before
     ("label_head nope", "selftrain", ['stage[0].label_head="nope"'],
      "stage 'base' (stage[0]).label_head: 'nope' is not one of the model's heads (main)"),

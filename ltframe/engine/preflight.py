@@ -83,6 +83,31 @@ def head_widths(model: Any) -> dict[str, int]:
     return out
 
 
+def probe_forward(run: Any) -> None:
+    """One no-grad forward of two training images in eval mode (no statistics change, no
+    random numbers drawn): the backbone must take the data's image size."""
+    from ltframe.data.views import NoneParams, NoneView
+
+    d, model = run.data, run.model
+    n = min(VIEW_PROBE, len(d.train))
+    if n == 0:
+        return
+    x = NoneView(NoneParams(), d.source.mean, d.source.std)(d.train.get(torch.arange(n)))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the recipe's
+        size = "x".join(str(v) for v in x.shape[-2:])
+        raise RecipeError(f"model.backbone: '{run.recipe.model.backbone}' cannot take the data's "
+                          f"{size} images ({type(exc).__name__}: {str(exc)[:200]}); set the "
+                          "source's image_size to what the backbone expects, or pass it in "
+                          "model.backbone_args (e.g. img_size)") from None
+    finally:
+        model.train(was)
+
+
 def stage_parts(cfg: Any) -> dict[str, list[str]]:
     """Each stream's input parts as the trainer names them (`split:view`, `#j` for a repeated
     view, the bare split for the first view)."""
@@ -337,6 +362,7 @@ def preflight(run: Any) -> None:
     stage stops the look-ahead there (that stage is still checked when it starts)."""
     scheduler = run.registry.build(run.recipe.scheduler, stages=plans_source(run.recipe))
     splits = run.data.splits
+    probe_forward(run)
     widths = head_widths(run.model)
     _scheduler_refs(run, widths)
     history: list[dict] = []

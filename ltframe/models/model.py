@@ -24,6 +24,9 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, num_classes=0, **kwargs)
     except TypeError as exc:
         raise RecipeError(f"model.backbone_args: {name} rejects an argument: {exc}") from None
+    except (ValueError, RuntimeError, AssertionError, ZeroDivisionError, OverflowError) as exc:
+        raise RecipeError(f"model.backbone_args: timm cannot build {name} with {kwargs} "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); check the values") from None
 
 
 class LTModel(nn.Module):
