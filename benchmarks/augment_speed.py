@@ -5,6 +5,7 @@ Batch 448 of 32x32 RGB uint8 (FixMatch's unlabeled batch, mu = 7 x 64). Prints m
 of --iters after --warmup calls) and the aten ops dispatched per call (TorchDispatchMode; "kernels"
 leaves out view / metadata ops). Old gets the float image in [0, 1] (as StrongView gives it), new
 the uint8 batch; old draws from a CPU generator (as views.py does), new from one on --device.
+On CUDA, new also runs once under torch.cuda.set_sync_debug_mode("error") (no host sync).
 
     .venv/bin/python benchmarks/augment_speed.py                     # CPU, n_ops 2 and 3
     .venv/bin/python benchmarks/augment_speed.py --device cuda --iters 200
@@ -95,6 +96,13 @@ def main() -> None:
             c = count_ops(fn)
             ms = time_ms(fn, dev, args.warmup, args.iters)
             print(f"{n:>5}  {name:<4} {ms:>9.2f} {sum(c.ops.values()):>9} {c.kernels:>8}")
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                impls["new"]()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            print(f"{n:>5}  new: no host sync (cuda sync debug mode 'error')")
 
 
 if __name__ == "__main__":

@@ -325,3 +325,29 @@ def test_no_host_sync_per_call():
             fn(x, torch.full((32,), MAGNITUDES[name][0]))
     with pytest.raises(AssertionError, match="host"), NoSync():  # the old path does sync
         V.rand_augment(x.float() / 255, gen, 2)
+
+
+def _strong_new(x: torch.Tensor, gen: torch.Generator, p: V.StrongParams) -> torch.Tensor:
+    """The `strong` view as views.StrongView would run it on this module (flip + crop on uint8,
+    RandAugment on uint8, then float, Cutout, normalisation)."""
+    norm = V.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = V.flip_pad_crop(x, gen, p.flip, p.pad, "reflect")
+    x = norm.to_unit(A.rand_augment(x, gen, p.n_ops, p.max_ops))
+    if p.cutout > 0:
+        x = A.cutout(x, gen, p.cutout)
+    return norm(x)
+
+
+def test_strong_pipeline_draws_as_views_strong_view():
+    """Switching StrongView to this module keeps its draws: with no ops it is bit-for-bit the
+    old view; with ops, the same generator state follows (max_ops = 0)."""
+    x = U8.repeat(8, 1, 1, 1)
+    old = V.StrongView(V.StrongParams(n_ops=0), mean=(0.5,) * 3, std=(0.25,) * 3)
+    p = V.StrongParams(n_ops=0)
+    assert torch.equal(_strong_new(x, torch.Generator().manual_seed(4), p),
+                       old(x, torch.Generator().manual_seed(4)))
+    g_old, g_new = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    V.StrongView(V.StrongParams(n_ops=2), mean=(0.5,) * 3, std=(0.25,) * 3)(x, g_old)
+    out = _strong_new(x, g_new, V.StrongParams(n_ops=2))
+    assert torch.equal(g_old.get_state(), g_new.get_state())
+    assert out.shape == x.shape and out.min() >= -2 - 1e-6 and out.max() <= 2 + 1e-6
