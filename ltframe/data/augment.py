@@ -22,14 +22,24 @@ torchvision.transforms.v2.functional call on the uint8 image, applied per image:
     shear_x/y      [-0.3, 0.3]         affine(shear=deg(atan(m)) on x / y, center=[0, 0])
     translate_x/y  [-0.3, 0.3]         affine(translate=m * W / m * H)
 
+API: ``rand_augment(x, gen, n_ops, max_ops=0)`` = ``apply_ops(x, *draw_ops(gen, B, n_ops, max_ops,
+x.device))``; ``OP_FNS[name](x, m)`` (geometric ops also take ``mode=`` and float images);
+``warp(x, theta, mode)``; ``cutout(x, gen, max_frac, fill=0.5)`` (uint8 or float). ``apply_ops``
+has no random draws, so it can run under torch.compile(fullgraph=True) (inductor's float fusion
+may move a truncation by one level in a few values; eager equals torchvision).
+
 How it stays lean and static (no host sync, fixed kernel sequence for a given n_ops):
 - per round, every colour op is ONE per-sample, per-channel 256-entry lookup table (LUT) built on
   [B,3,256] (identity, autocontrast, equalize, brightness, contrast, posterize, solarize, invert)
-  and applied with one ``gather`` on uint8; ``color`` / ``sharpness`` are per-sample blends whose
-  factor is 1 (an exact identity) for the images that did not draw them;
+  and applied with one ``gather`` of the uint8 levels (held in float32 between rounds, so a round
+  converts nothing but its gather index); ``color`` / ``sharpness`` are per-sample blends whose
+  factor is 1 (an exact identity) for the images that did not draw them; the statistics
+  (histogram, min / max, mean gray) are computed for the whole batch in one pass each;
 - the geometric ops of all rounds are composed into one affine matrix per image and applied with
   ONE nearest ``grid_sample`` after the colour rounds;
-- random draws come from ``gen`` on the images' device; constants are built once per device.
+- random draws come from ``gen`` on the images' device; constants are built once per device
+  (small matmuls build the matrices and grid: keep TF32 matmuls off, torch's default, for
+  torchvision-exact warps).
 
 Differences from ``views.rand_augment`` (float ops in the drawn order):
 - values are uint8 between ops (as in USB / PIL and torchvision's uint8 kernels), so colour ops
@@ -38,7 +48,10 @@ Differences from ``views.rand_augment`` (float ops in the drawn order):
   with one geometric op per image this is exact; with two or more, content moved out and back in
   is kept (sequential nearest warps fill it with 0) and pixels are rounded once instead of per
   op; colour statistics (autocontrast, equalize, contrast) never see the geometric fill, and the
-  fill stays 0 (a later solarize in USB may turn it white). Same op and magnitude draws.
+  fill stays 0 (a later solarize in USB may turn it white);
+- the draws are views.py's, in its order (on a CPU generator the same numbers), except that with
+  max_ops > n_ops all max_ops rounds are drawn (rounds past the batch's count are identity), so
+  later draws from the generator (Cutout's) shift.
 """
 
 from __future__ import annotations
