@@ -398,3 +398,22 @@ def test_shipped_synthetic_recipes_pass_preflight(path: Path) -> None:
     pm, registry = make_plugin_manager([])
     recipe = load_recipe(path, registry)
     preflight(_prepare(recipe, pm, registry, Path(), smoke=True))
+
+
+def test_preflight_leaves_the_random_generators_as_they_were(recipes: dict[str, Path]) -> None:
+    """A run is the same with or without the checks (components are built, views tried)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from ltframe.engine.preflight import preflight
+    from ltframe.engine.run import _prepare
+
+    pm, registry = make_plugin_manager([])
+    run = _prepare(load_recipe(recipes["moco"], registry), pm, registry, Path(), smoke=True)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    preflight(run)
+    assert torch.equal(before[0], torch.get_rng_state())
+    assert before[1] == random.getstate()
+    assert (before[2] == np.random.get_state()[1]).all()

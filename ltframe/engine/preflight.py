@@ -353,6 +353,24 @@ class _Stage:
 
 
 def preflight(run: Any) -> None:
+    """Check every planned stage (see `_preflight`) with the random number generators of torch,
+    numpy and Python left as they were, so a run is the same with or without the checks."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    dev = next(run.model.parameters(), torch.empty(0)).device
+    devices = [dev.index or 0] if dev.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            _preflight(run)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _preflight(run: Any) -> None:
     """Check the stages the scheduler plans against the data and the model before the run
     directory exists: names, parts, heads, fitted heads, views, losses (and their start
     steps), samplers, pseudo-labelers, transforms, optimizer and schedule of every stage.
