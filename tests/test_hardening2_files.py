@@ -289,3 +289,9 @@ def test_pareto_shape_that_cannot_be_drawn_is_a_recipe_error(shape):
     y = torch.arange(4).repeat_interleave(24)
     with pytest.raises(RecipeError, match=r"data\.longtail\.shape = .* out of the range pareto"):
         make_splits(y, 4, ProfileCfg(name="pareto", shape=shape), SplitCfg(), 0, 0)
+
+
+def test_walk_survives_a_symlink_loop(tmp_path):
+    write_image_folder(tmp_path / "a", ["x"], 1, 8)
+    os.symlink(tmp_path / "a", tmp_path / "a" / "x" / "loop")
+    assert [Path(p).name for p in sources.walk_images(tmp_path / "a")] == ["0000.png"]

@@ -207,11 +207,17 @@ def stack_images(paths: list[str], size: int | None) -> Tensor:
 
 def walk_images(folder: Path) -> list[str]:
     """Every image file under `folder`, recursively, sorted; hidden entries and non-regular
-    files (FIFOs, sockets, devices) are skipped."""
+    files (FIFOs, sockets, devices) are skipped, and a folder reached twice (a symlink loop)
+    is walked once."""
     out: list[str] = []
     stack = [str(folder)]
+    seen: set[tuple[int, int]] = set()
     while stack:
         d = stack.pop()
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
         with os.scandir(d) as it:
             entries = sorted(it, key=lambda e: e.name)
         subdirs = []
