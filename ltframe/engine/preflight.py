@@ -155,6 +155,13 @@ def _steps(run: Any, plan: StagePlan) -> tuple[int, int | None]:
     return spe or 1, total
 
 
+def _after_reset(fitted: set[str], reset: list[str]) -> set[str]:
+    """The fitted heads a stage's `reset` leaves fitted (a reset head must be fitted again)."""
+    if "heads" in reset:
+        return set()
+    return fitted - {p.removeprefix("heads.") for p in reset if p.startswith("heads.")}
+
+
 class _Stage:
     """One planned stage's checks; `fitted` are the heads fitted so far (this stage's `fit`
     added at its end)."""
@@ -178,7 +185,8 @@ class _Stage:
             self._fit(f"fit[{i}]", path)
         eval_head = cfg.eval_head or self.run.recipe.model.eval_head
         self._head("eval_head", eval_head, classes=True)
-        fitted_now = self.fitted | {p.removeprefix("heads.") for p in cfg.fit}
+        fitted_now = (_after_reset(self.fitted, cfg.reset)
+                      | {p.removeprefix("heads.") for p in cfg.fit})
         if self._needs_fit(eval_head) and eval_head not in fitted_now:
             self.fail("eval_head", f"head '{eval_head}' ({self._kind(eval_head)}) has no trained "
                       "weights: it is fitted at the end of a stage; add fit = "
@@ -403,8 +411,8 @@ def _preflight(run: Any) -> None:
                          "file names; rename the recipe's [[stage]] it is derived from")
         check_plan_data(plan, splits.unlabeled.numel() > 0, labelled)
         _Stage(run, plan, widths, fitted, soft).check()
-        fitted |= {p.removeprefix("heads.") for p in plan.cfg.fit}
-        fitted -= {p.removeprefix("heads.") for p in plan.cfg.reset if p.startswith("heads.")}
+        fitted = _after_reset(fitted, plan.cfg.reset) | {p.removeprefix("heads.")
+                                                         for p in plan.cfg.fit}
         if plan.cfg.label is not None:
             labelled = True
             # soft targets for the labeled samples (e.g. ssd's teacher), replacing earlier ones
