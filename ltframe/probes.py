@@ -59,7 +59,6 @@ import torch
 import torch.optim.optimizer as _optim
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 SYNC_KINDS = frozenset({"item", "tolist", "scalar", "d2h", "h2d", "h2d_new", "h2d_mixed",
@@ -86,7 +85,8 @@ _SCALAR_ATEN = {_aten._local_scalar_dense, _aten.is_nonzero, _aten.equal}
 _NO_KERNEL = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.lift_fresh,
               _aten.lift_fresh_copy, _aten.detach, _aten.alias, _aten.resize_, _aten.set_,
               _aten.sym_size, _aten.sym_stride, _aten.sym_numel, _aten.sym_storage_offset,
-              _aten.is_same_size, _aten._has_compatible_shallow_copy_type, _aten.size,
+              _aten.is_same_size, _aten._has_compatible_shallow_copy_type, _aten.size, _aten._unsafe_view,
+              _aten._reshape_alias,
               _aten.stride, _aten.numel, _aten.dim, _aten.is_contiguous}
 
 
@@ -151,8 +151,17 @@ class Ranges:
 
 
 def _tensors(args: Any, kwargs: Any = None) -> list[torch.Tensor]:
-    flat, _ = tree_flatten((args, kwargs or {}))
-    return [t for t in flat if isinstance(t, torch.Tensor)]
+    """Tensors in `args` (nested lists / tuples) and `kwargs` values; dicts among the
+    positional arguments (e.g. deepcopy's memo) are not searched."""
+    out: list[torch.Tensor] = []
+    stack = [args, *(kwargs.values() if kwargs else ())]
+    while stack:
+        a = stack.pop()
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            stack.extend(a)
+    return out
 
 
 def _device_target(dev: Any) -> bool | None:
@@ -214,7 +223,7 @@ class SyncProbe:
             elif isinstance(obj, torch.Tensor):
                 self._dev[obj] = True
             else:
-                for t in _tensors(obj):
+                for t in _tensors(list(obj.values()) if isinstance(obj, dict) else obj):
                     self._dev[t] = True
 
     def is_device(self, t: Any) -> bool:
@@ -333,7 +342,11 @@ class SyncProbe:
                              f"{tuple(srct.shape)} {srct.dtype}")
             elif self.is_device(srct) and not self.is_device(dst):
                 self._record("d2h", "Tensor.copy_")
-            return self._call(func, args, kwargs, self.is_device(dst))
+            s.reported += 1
+            try:
+                return self._call(func, args, kwargs, self.is_device(dst))
+            finally:
+                s.reported -= 1
         else:  # torch.tensor / as_tensor / asarray / Tensor.new_tensor
             if func is _T.new_tensor:
                 target = src_dev if kwargs.get("device") is None else _device_target(
@@ -388,7 +401,7 @@ class SyncProbe:
         if dev_in and not s.quiet:
             packet = func.overloadpacket
             host = [t for t in ins if t not in self._dev and t.dim() > 0]
-            if host:
+            if host and not s.reported:
                 self._record("h2d_mixed", str(packet.__name__),
                              ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in host[:3]))
             if packet in _SCALAR_ATEN and not s.reported:
@@ -486,10 +499,11 @@ class StepProbeResult:
 
 def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | None = None, *,
                 recipe: Any = None, out_dir: str | Path, steps: int = 3, stages: int = 1,
-                raise_on_sync: bool = False, count_ops: bool = True,
+                raise_on_sync: bool = False, count_ops: bool = True, smoke: bool = False,
                 plugins: list[tuple[str, object]] | None = None) -> StepProbeResult:
     """Run a (small) recipe on the CPU with a `SyncProbe` and an `OpCounter` and return what
-    they saw in the first `steps` steps of the first `stages` stages.
+    they saw in the first `steps` steps of each of the first `stages` stages (the rest of a
+    stage runs unprobed; `smoke` is `ltframe run --smoke`: two steps a stage, small batches).
 
     The probe covers `Trainer._step` and the `ltframe_step_end` hooks (everything from the
     step's start to `Trainer._after_step`); logging, epoch ends, evaluation and checkpoints
@@ -497,8 +511,8 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
     one-time set-up lands there). Ranges: data (with one sub-range per view), transform,
     forward (the training forward), forward_no_grad (teacher / guesses), losses (pseudo-
     labeler and loss terms), backward, optimizer, ema, accumulate, hooks; the rest of the step
-    is 'step'. The run stops (KeyboardInterrupt, caught) after the last probed step; its run
-    directory stays under `out_dir`.
+    is 'step'. The run stops (KeyboardInterrupt, caught) at the first step after the probed
+    stages; its run directory stays under `out_dir`.
     """
     from ltframe.engine import trainer as tr
     from ltframe.engine.ema import EMA
@@ -547,8 +561,10 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
             state.update(stage=st.plan.index, n=0)
             state["stages"] += 1
             names.append(st.plan.name)
-        if state["stages"] > stages or state["n"] >= steps:
-            raise KeyboardInterrupt  # done: stop the run
+        if state["stages"] > stages or (state["stages"] == stages and state["n"] >= steps):
+            raise KeyboardInterrupt  # every stage asked for was probed: stop the run
+        if state["n"] >= steps:  # the rest of a probed stage runs unprobed
+            return orig["step"](self, st, step_i, epoch)
         state["n"] += 1
         state["total"] += 1
         probe.mark_device(self.model, st.ema.module if st.ema else None, st.teacher,
@@ -603,7 +619,7 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
                 stack.enter_context(counter)
             try:
                 start_run(recipe_path, overrides, recipe=recipe, out_dir=out_dir,
-                          plugins=plugins)
+                          smoke=smoke, plugins=plugins)
             except RunInterrupted:
                 pass
             finally:
