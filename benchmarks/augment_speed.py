@@ -3,7 +3,8 @@ op on the whole batch) vs ltframe.data.augment.rand_augment (new: uint8 LUTs, bl
 
 Batch 448 of 32x32 RGB uint8 (FixMatch's unlabeled batch, mu = 7 x 64). Prints ms per call (median
 of --iters after --warmup calls) and the aten ops dispatched per call (TorchDispatchMode; "kernels"
-leaves out view / metadata ops). Old gets the float image in [0, 1] (as StrongView gives it), new
+leaves out view / metadata ops; "cuda-path" counts new's CUDA kernel sequence, i.e. without its CPU
+fast paths). Old gets the float image in [0, 1] (as StrongView gives it), new
 the uint8 batch; old draws from a CPU generator (as views.py does), new from one on --device.
 On CUDA, new also runs once under torch.cuda.set_sync_debug_mode("error") (no host sync).
 
@@ -88,14 +89,17 @@ def main() -> None:
     dev_gen = torch.Generator(device=dev).manual_seed(1)
     print(f"device {dev} ({torch.get_num_threads()} CPU threads), batch {args.batch} x 3 x "
           f"{args.size} x {args.size}, median of {args.iters} calls")
-    print(f"{'n_ops':>5}  {'impl':<4} {'ms/call':>9} {'aten ops':>9} {'kernels':>8}")
+    print(f"{'n_ops':>5}  {'impl':<4} {'ms/call':>9} {'aten ops':>9} {'kernels':>8} {'cuda-path':>9}")
     for n in (int(s) for s in args.n_ops.split(",")):
         impls = {"old": lambda n=n: V.rand_augment(xf, cpu_gen, n),
                  "new": lambda n=n: A.rand_augment(u8, dev_gen, n)}
         for name, fn in impls.items():
             c = count_ops(fn)
+            A.CPU_FAST_PATHS = False
+            gpu_path = count_ops(fn).kernels
+            A.CPU_FAST_PATHS = True
             ms = time_ms(fn, dev, args.warmup, args.iters)
-            print(f"{n:>5}  {name:<4} {ms:>9.2f} {sum(c.ops.values()):>9} {c.kernels:>8}")
+            print(f"{n:>5}  {name:<4} {ms:>9.2f} {sum(c.ops.values()):>9} {c.kernels:>8} {gpu_path:>9}")
         if dev.type == "cuda":
             torch.cuda.set_sync_debug_mode("error")
             try:

@@ -75,6 +75,8 @@ OPS: tuple[str, ...] = tuple(RANGES)
 GEOMETRIC: tuple[str, ...] = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 _CODES: tuple[str, ...] = (*OPS, "invert")  # op codes; invert is never drawn
 _C = {name: i for i, name in enumerate(_CODES)}
+#: use the CPU fast paths on CPU tensors (benchmarks turn it off to count the CUDA kernel sequence)
+CPU_FAST_PATHS = True
 # LUTs that depend on the magnitude only, stacked in this order; other codes take the identity
 _STATIC_LUTS = ("identity", "brightness", "posterize", "solarize", "invert")
 
@@ -178,7 +180,7 @@ def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
     k = _consts(x.device)
     lv = k.levels
     flat = x.reshape(b, c, h * w)
-    cpu = x.device.type == "cpu"  # CPU kernels with fast equivalents there (same values)
+    cpu = CPU_FAST_PATHS and x.device.type == "cpu"  # faster equivalents there (same values)
     idx = flat.int().long() if cpu else flat.long()
 
     # statistics of the round's input (for every image: static shapes)
