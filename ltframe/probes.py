@@ -76,6 +76,7 @@ _SCALAR_FNS = {_T.__bool__: "bool", _T.__int__: "int", _T.__float__: "float",
                _T.__complex__: "complex"}
 _NEW_FNS = {torch.tensor: "torch.tensor", torch.as_tensor: "torch.as_tensor",
             torch.asarray: "torch.asarray"}
+_ONE_HOT = torch.nn.functional.one_hot
 _aten = torch.ops.aten
 _DYNAMIC = {_aten.nonzero, _aten.masked_select, _aten._unique, _aten._unique2, _aten.unique_dim,
             _aten.unique_consecutive, _aten.unique_dim_consecutive, _aten.bincount,
@@ -294,6 +295,10 @@ class SyncProbe:
             elif func is _T.__array__:
                 self._record("d2h", "Tensor.__array__")
         reported = func in (_T.item, _T.tolist, _T.__array__) or func in _SCALAR_FNS
+        if func is _ONE_HOT and on_dev:  # its CPU kernel checks min/max with .item(); CUDA's
+            reported = True  # does only without num_classes (to size the output)
+            if (args[1] if len(args) > 1 else kwargs.get("num_classes", -1)) == -1:
+                self._record("dynamic_shape", "one_hot", "num_classes = -1")
         s.ctx.append(on_dev or bool(target))
         s.reported += reported
         try:
@@ -487,19 +492,35 @@ class StepProbeResult:
     def by_location(self, kinds: frozenset[str] = SYNC_KINDS) -> Counter:
         return Counter((r.kind, r.op, r.where) for r in self.records if r.kind in kinds)
 
-    def totals(self, depth: int = 2) -> dict[str, float]:
-        """Op counts per step by range path (first `depth` names, after 'step')."""
+    def totals(self, depth: int = 2, warmup: bool = False) -> dict[str, float]:
+        """Mean op counts per step by range path (its first `depth` names after the root);
+        'step' is the step outside any range. `warmup` False: steady steps only (each
+        stage's first step left out) when there are any."""
+        out: Counter = Counter()
+        steady = self.steps - len(self.stages)
+        use_warmup = warmup or steady <= 0
+        for k, c in self.counts.items():
+            root, *parts = k.split("/")
+            if root == "warmup" and not use_warmup:
+                continue
+            out["/".join(parts[:depth]) or "step"] += sum(c.values())
+        n = max(self.steps if use_warmup else steady, 1)
+        return {k: round(v / n, 1) for k, v in sorted(out.items())}
+
+    def ops(self, prefix: str, warmup: bool = False) -> Counter:
+        """Op names (summed over the probed steps) in ranges under `prefix` (e.g. 'data')."""
         out: Counter = Counter()
         for k, c in self.counts.items():
-            parts = k.split("/")[1:] or ["step"]
-            out["/".join(parts[:depth]) or "step"] += sum(c.values())
-        n = max(self.steps, 1)
-        return {k: round(v / n, 1) for k, v in sorted(out.items())}
+            root, _, rest = k.partition("/")
+            if (warmup or root != "warmup") and (rest == prefix or rest.startswith(prefix + "/")):
+                out.update(c)
+        return out
 
 
 def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | None = None, *,
                 recipe: Any = None, out_dir: str | Path, steps: int = 3, stages: int = 1,
                 raise_on_sync: bool = False, count_ops: bool = True, smoke: bool = False,
+                foreach: bool = True,
                 plugins: list[tuple[str, object]] | None = None) -> StepProbeResult:
     """Run a (small) recipe on the CPU with a `SyncProbe` and an `OpCounter` and return what
     they saw in the first `steps` steps of each of the first `stages` stages (the rest of a
@@ -512,7 +533,9 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
     forward (the training forward), forward_no_grad (teacher / guesses), losses (pseudo-
     labeler and loss terms), backward, optimizer, ema, accumulate, hooks; the rest of the step
     is 'step'. The run stops (KeyboardInterrupt, caught) at the first step after the probed
-    stages; its run directory stays under `out_dir`.
+    stages; its run directory stays under `out_dir`. `foreach` sets the optimizer's
+    `foreach` flag, so its ops are counted as on CUDA (torch's default there; on a CPU the
+    default is a loop over the parameters).
     """
     from ltframe.engine import trainer as tr
     from ltframe.engine.ema import EMA
@@ -576,6 +599,10 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
         probe.recording = True
         if counter is not None:
             counter.active = True
+        if foreach and st.optimizer is not None:
+            for g in st.optimizer.param_groups:
+                if "foreach" in g:
+                    g["foreach"] = True
         views = st.views
         st.views = {split: [(v, ranged(f"view:{v}", fn)) for v, fn in vs]
                     for split, vs in views.items()}

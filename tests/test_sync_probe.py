@@ -112,6 +112,15 @@ def test_data_dependent_shapes():
     assert _kinds(p) == ["dynamic_shape"] * 7
 
 
+def test_one_hot_syncs_only_without_num_classes():
+    """On CUDA one_hot reads max() only to size its output; its CPU kernel also checks values."""
+    y = torch.tensor([0, 2, 1])
+    with SyncProbe(y) as p:
+        torch.nn.functional.one_hot(y, 3)
+        torch.nn.functional.one_hot(y)
+    assert _kinds(p) == ["dynamic_shape"]
+
+
 def test_backward_and_optimizer_stay_on_the_device():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -160,6 +169,8 @@ def test_op_counter_counts_kernels_by_range():
 # --- real training steps ---------------------------------------------------------------------
 TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data.batch_size=8",
         "data.longtail.ratio=10", "run.log_every=1000"]
+MULTIPLE = [*TINY, "data.source.train_per_class=120", "data.longtail.n_max=20",
+            "data.split.multiple=1"]  # recipes with split = "multiple"
 SSL = {"split": {"name": "fraction", "labeled_fraction": 0.3}}
 SSL_STAGES = {
     "mixmatch": {"name": "mixmatch", "epochs": 1, "steps_per_epoch": 3,
@@ -185,15 +196,13 @@ RECIPES: dict[str, tuple[str, list[str], int, int]] = {
     "mean_teacher": ("mean_teacher", [], 3, 1),
     # init, cls0 (class-balanced g), ft1 (f + g' with the consistency loss)
     "alternate": ("recipes/cifar10_sslt/alternate_cpu.toml",
-                  ["data.source.train_per_class=200", "data.source.test_per_class=4",
-                   "data.longtail.n_max=40", "data.longtail.ratio=10", "data.batch_size=8",
-                   "run.log_every=1000", "stage.0.epochs=1", "stage.0.steps_per_epoch=2",
+                  [*MULTIPLE, "stage.0.epochs=1", "stage.0.steps_per_epoch=2",
                    "scheduler.loops=1", "scheduler.classifier_epochs=1",
                    "scheduler.finetune_epochs=1"], 2, 3),
     "supervised_ce": ("recipes/quickstart.toml", [*TINY, "data.source.num_classes=10"], 3, 1),
     # LDAM with DRW re-weighting on from the start, then the labeled+pseudo stage
     "ldam_drw": ("recipes/cpu/self_training_ldam_drw.toml",
-                 [*TINY, "stage.0.epochs=1", "stage.0.steps_per_epoch=2",
+                 [*MULTIPLE, "stage.0.epochs=1", "stage.0.steps_per_epoch=2",
                   "stage.0.loss.0.drw_epoch=0", "stage.1.loss.0.drw_epoch=0"], 2, 2),
 }
 
