@@ -551,6 +551,7 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
     state = {"stage": -1, "n": 0, "total": 0, "stages": 0, "open": False}
     names: list[str] = []
     orig = {"step": tr.Trainer._step, "after": tr.Trainer._after_step,
+            "setup": tr.Trainer._setup_stage,
             "gather": tr.Trainer._gather_inputs, "transformed": tr.Trainer._transformed,
             "fng": tr.forward_no_grad, "ema": EMA.update, "acc": Accumulators.add,
             "backward": torch.Tensor.backward}
@@ -579,6 +580,17 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
                 counter.active = False
             ranges._stack.clear()
 
+    def mark(trainer: Any, st: Any = None) -> None:
+        stores = (trainer.data.train, trainer.data.test, trainer.data.val)
+        probe.mark_device(trainer.model, *(s.images for s in stores
+                                           if s is not None and getattr(s, "files", 1) is None))
+        if st is not None:
+            probe.mark_device(st.ema.module if st.ema else None, st.teacher)
+
+    def setup(self: Any, *a: Any, **k: Any) -> Any:  # state built from the model is derived
+        mark(self)
+        return orig["setup"](self, *a, **k)
+
     def step(self: Any, st: Any, step_i: int, epoch: int) -> Any:
         if st.plan.index != state["stage"]:
             state.update(stage=st.plan.index, n=0)
@@ -590,9 +602,7 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
             return orig["step"](self, st, step_i, epoch)
         state["n"] += 1
         state["total"] += 1
-        probe.mark_device(self.model, st.ema.module if st.ema else None, st.teacher,
-                          *(s.images for s in (self.data.train, self.data.test, self.data.val)
-                            if s is not None and getattr(s, "files", None) is None))
+        mark(self, st)
         probe.step = step_i
         ranges._stack[:] = ["warmup" if state["n"] == 1 else "step"]
         state["open"] = True
@@ -628,6 +638,7 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
 
 
     patches = [(tr.Trainer, "_step", step), (tr.Trainer, "_after_step", after),
+               (tr.Trainer, "_setup_stage", setup),
                (tr.Trainer, "_gather_inputs", ranged("data", orig["gather"])),
                (tr.Trainer, "_transformed", ranged("transform", orig["transformed"])),
                (tr, "forward_no_grad", ranged("forward_no_grad", orig["fng"])),

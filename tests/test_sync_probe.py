@@ -235,7 +235,6 @@ def test_probe_steps_sees_every_range_of_a_fixmatch_step(tmp_path):
     assert all(r.step in (0, 1, 2) for r in res.records)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 19: syncs in the step")
 def test_no_host_device_sync_in_a_training_step(name, tmp_path):
