@@ -372,6 +372,36 @@ def test_scheduler_stage_names_are_plain(recipes: dict[str, Path], tmp_path: Pat
     assert not out.exists()
 
 
+class _LateBadName:
+    """A scheduler that needs a real result (top1) to name its second stage '../escaped'."""
+
+    @hookimpl
+    def ltframe_register(self, registry: Any) -> None:
+        class Scheduler:
+            def __init__(self, params: Any, stages: list) -> None:
+                self.stages = stages
+
+            def next_stage(self, history: list[dict]) -> StagePlan | None:
+                cfg, optim = self.stages[0]
+                if not history:
+                    return StagePlan(0, cfg.name, cfg, optim)
+                if len(history) == 1 and history[0]["top1"] >= 0:  # no stand-in has top1
+                    return StagePlan(1, "../escaped", dataclasses.replace(cfg, name="x"), optim)
+                return None
+
+        registry.register("scheduler", "late_bad_name", Scheduler)
+
+
+def test_stage_name_is_checked_again_when_the_stage_starts(recipes: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError, match=r"stage\[1\] name '\.\./escaped' \(from the scheduler\)"):
+        start_run(recipes["tiny"], ['scheduler="late_bad_name"'], out_dir=out, smoke=True,
+                  plugins=[("late_bad_name", _LateBadName())])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing written above --out
+    assert not list(out.rglob("*escaped*"))
+
+
 def test_tensorboard_subdir_cannot_leave_through_a_link(tmp_path: Path) -> None:
     from types import SimpleNamespace
 

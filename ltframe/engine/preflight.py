@@ -22,11 +22,15 @@ def plans_source(recipe: Any) -> list[tuple[Any, Any]]:
 
 
 def check_plan_data(plan: StagePlan, has_unlabeled: bool, pool_labelled: bool) -> None:
-    """A stage's `data` against the run's splits (before the run directory exists, and again
-    when the stage starts): unlabeled batches need an unlabeled split, an online
+    """A stage's name and `data` against the run's splits (before the run directory exists, and
+    again when the stage starts): a plain name; unlabeled batches need an unlabeled split, an online
     pseudo-labeler needs unlabeled batches, pseudo-labelled samples need an earlier labelling."""
     cfg = plan.cfg
     parts = cfg.data.split("+")
+    # the name becomes part of file names: checked again whenever a stage starts
+    check_plain_name(plan.name, f"stage[{plan.index}] name {plan.name!r} (from the "
+                     "scheduler)", "part of checkpoint, predictions and pseudo_labels "
+                     "file names; rename the recipe's [[stage]] it is derived from")
     where = f"stage '{plan.name}' (stage[{plan.index}])"
     if "unlabeled" in parts and not has_unlabeled:
         raise RecipeError(f"{where}.data = \"{cfg.data}\" uses unlabeled data but the split has "
@@ -406,9 +410,6 @@ def _preflight(run: Any) -> None:
             return
         if plan is None:
             break
-        check_plain_name(plan.name, f"stage[{plan.index}] name {plan.name!r} (from the "
-                         "scheduler)", "part of checkpoint, predictions and pseudo_labels "
-                         "file names; rename the recipe's [[stage]] it is derived from")
         check_plan_data(plan, splits.unlabeled.numel() > 0, labelled)
         _Stage(run, plan, widths, fitted, soft).check()
         fitted = _after_reset(fitted, plan.cfg.reset) | {p.removeprefix("heads.")
