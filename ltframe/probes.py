@@ -67,7 +67,8 @@ INFO_KINDS = frozenset({"h2d_async"})
 
 _ROOT = Path(__file__).resolve().parent.parent
 _OWN_FILE = str(Path(__file__).resolve())
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+_SKIP_DIRS = (str(Path(torch.__file__).resolve().parent) + os.sep,
+              str(Path(os.__file__).resolve().parent) + os.sep)  # torch, the standard library
 _PROJECT_DIRS = (str(_ROOT / "ltframe") + os.sep, str(_ROOT / "plugins") + os.sep)
 
 _T = torch.Tensor
@@ -92,18 +93,21 @@ _NO_KERNEL = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.lift_fre
 
 
 def _where(limit: int = 1) -> str:
-    """The innermost `limit` frames of ltframe/ or plugins/ (not this file): 'file:line (fn)'."""
+    """The innermost `limit` frames of ltframe/ or plugins/ (not this file) as 'file:line (fn)',
+    preceded by the innermost frame outside torch, the standard library and this file when that
+    one is not in the project (a test, a third-party plugin)."""
     out: list[str] = []
-    other = ""  # else the innermost frame outside torch and this file (e.g. a test)
+    other = ""
     f = sys._getframe(1)
     while f is not None and len(out) < limit:
         name = f.f_code.co_filename
         if name.startswith(_PROJECT_DIRS) and name != _OWN_FILE:
             out.append(f"{os.path.relpath(name, _ROOT)}:{f.f_lineno} ({f.f_code.co_name})")
-        elif not other and name != _OWN_FILE and _TORCH_DIR not in name:
-            other = f"{os.path.basename(name)}:{f.f_lineno} ({f.f_code.co_name})"
+        elif (not out and not other and name != _OWN_FILE and not name.startswith(_SKIP_DIRS)
+              and not name.startswith("<")):
+            other = f"{os.path.relpath(name, _ROOT)}:{f.f_lineno} ({f.f_code.co_name})"
         f = f.f_back
-    return " < ".join(out) or other or "?"
+    return " < ".join([other, *out] if other else out) or "?"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltframe.hookspecs import hookimpl
 from ltframe.probes import OpCounter, SyncError, SyncProbe, probe_steps
+from ltframe.registry import NoParams
 from ltframe.testing import tiny_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,7 @@ def test_scalar_reads_of_derived_tensors_are_syncs():
         float(z)
         f"{z}"
     assert _kinds(p) == ["item", "tolist", "scalar", "scalar", "scalar", "scalar"]
-    assert all(r.where.startswith("test_sync_probe.py:") for r in p.records)
+    assert all(r.where.startswith("tests/test_sync_probe.py:") for r in p.records)
 
 
 def test_in_place_and_views_keep_the_tag():
@@ -205,6 +207,56 @@ RECIPES: dict[str, tuple[str, list[str], int, int]] = {
                  [*MULTIPLE, "stage.0.epochs=1", "stage.0.steps_per_epoch=2",
                   "stage.0.loss.0.drw_epoch=0", "stage.1.loss.0.drw_epoch=0"], 2, 2),
 }
+
+
+class _Planted:
+    """A loss with a sync of each kind, and a view without any."""
+
+    def __init__(self, params, **kw) -> None:
+        pass
+
+    def __call__(self, ctx):
+        logits = ctx.logits("labeled")
+        if logits.max() > 1e9:  # scalar
+            pass
+        kept = logits[logits > 0]  # dynamic_shape
+        scale = torch.tensor([1.0], device=logits.device)  # h2d_new
+        return logits.mean() * scale.sum() + kept.sum() * 0 + logits.mean().item() * 0  # item
+
+
+class _DeviceView:
+    def __init__(self, params, mean, std) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, x, gen):
+        return x.float() / 255
+
+
+class _PlantedPlugin:
+    @hookimpl
+    def ltframe_register(self, registry):
+        registry.register("loss", "test_planted", _Planted, NoParams)
+        registry.register("view", "test_device", _DeviceView, NoParams)
+
+
+def test_probe_steps_finds_planted_syncs_and_only_them(tmp_path):
+    stage = {"name": "s", "epochs": 1, "steps_per_epoch": 3, "views": {"labeled": ["test_device"]},
+             "loss": ["test_planted"]}
+    path = tiny_recipe(tmp_path, stage=[stage], run={"log_every": 1000})
+    res = probe_steps(path, out_dir=tmp_path / "runs", steps=2,
+                      plugins=[("planted", _PlantedPlugin())])
+    assert res.steps == 2
+    kinds = Counter(r.kind for r in res.syncs(warmup=False))
+    # the boolean mask syncs in the forward and again in its backward (index_put with a mask)
+    assert kinds == {"scalar": 1, "dynamic_shape": 2, "h2d_new": 1, "item": 1}, describe(res)
+    where = Counter((r.range.split("/", 1)[1], r.where.split(" ")[0])
+                    for r in res.syncs(warmup=False))
+    assert sum(n for (rng, w), n in where.items()
+               if w.startswith("tests/test_sync_probe.py:") and rng == "loss:test_planted") == 4
+    assert [rng for rng, w in where if not w.startswith("tests/")] == ["backward"]
+    with pytest.raises(SyncError, match="h2d .*targets.py"):  # the first: step 0's table copy
+        probe_steps(path, out_dir=tmp_path / "runs2", steps=2, raise_on_sync=True,
+                    plugins=[("planted", _PlantedPlugin())])
 
 
 def run_probe(name: str, tmp_path: Path, **kw):
