@@ -533,13 +533,14 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
     The probe covers `Trainer._step` and the `ltframe_step_end` hooks (everything from the
     step's start to `Trainer._after_step`); logging, epoch ends, evaluation and checkpoints
     (`_after_step`) are outside it. Each stage's first step is labelled 'warmup' (lazy
-    one-time set-up lands there). Ranges: data (with one sub-range per view), transform,
-    forward (the training forward), forward_no_grad (teacher / guesses), losses (pseudo-
-    labeler and loss terms), backward, optimizer, ema, accumulate, hooks; the rest of the step
-    is 'step'. The run stops (KeyboardInterrupt, caught) at the first step after the probed
-    stages; its run directory stays under `out_dir`. `foreach` sets the optimizer's
-    `foreach` flag, so its ops are counted as on CUDA (torch's default there; on a CPU the
-    default is a loop over the parameters).
+    one-time set-up lands there). Ranges (paths under 'step' / 'warmup'): data (with
+    'view:<name>' per view), transform, forward (the training forward), forward_no_grad
+    (teacher / guesses), pseudo_labeler, 'loss:<name>' per term, backward, optimizer, ema,
+    accumulate, hooks (step-end hooks); the rest of the step is the root itself.
+    The run stops (KeyboardInterrupt, caught) at the first step after the probed stages; its
+    run directory stays under `out_dir`. `foreach` sets the optimizer's `foreach` flag, so its
+    ops are counted as on CUDA (torch's default there; on a CPU the default is a loop over the
+    parameters).
     """
     from ltframe.engine import trainer as tr
     from ltframe.engine.ema import EMA
