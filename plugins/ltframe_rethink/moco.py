@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ltframe.config import param
-from ltframe.data.views import Normalize, flip_pad_crop, resized_crop
+from ltframe.data.views import Normalize, elsewhere, flip_pad_crop, on_generator_device, resized_crop
 from ltframe.data.views import gray_expand as gray
 from ltframe.engine.context import StepContext
 from ltframe.engine.dist import gather_batch
@@ -144,13 +144,15 @@ class MocoView(Normalize):
         self.p = params
 
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        if elsewhere(gen, x):
+            return on_generator_device(MocoView.__call__, self, x, gen)
         x = self.to_unit(x)
         b, dev = x.shape[0], x.device
-        r = torch.rand(b, 8, generator=gen).to(dev)
+        r = torch.rand(b, 8, generator=gen, device=dev)  # gen lives on the images' device
         x = resized_crop(x, r[:, :4], self.p.min_scale)
         on = (r[:, 4] < self.p.jitter_prob)[:, None, None, None]
         j = self.p.jitter
-        fb, fc, fs = (1 + j * (torch.rand(3, b, generator=gen).to(dev) * 2 - 1))
+        fb, fc, fs = (1 + j * (torch.rand(3, b, generator=gen, device=dev) * 2 - 1))
         jit = (x * fb[:, None, None, None]).clamp(0, 1)
         m = gray(x).mean((1, 2, 3), keepdim=True)
         jit = (m + fc[:, None, None, None] * (jit - m)).clamp(0, 1)
