@@ -254,7 +254,7 @@ def test_probe_steps_finds_planted_syncs_and_only_them(tmp_path):
     assert sum(n for (rng, w), n in where.items()
                if w.startswith("tests/test_sync_probe.py:") and rng == "loss:test_planted") == 4
     assert [rng for rng, w in where if not w.startswith("tests/")] == ["backward"]
-    with pytest.raises(SyncError, match="h2d .*targets.py"):  # the first: step 0's table copy
+    with pytest.raises(SyncError, match="scalar .*test_sync_probe.py"):  # the first planted
         probe_steps(path, out_dir=tmp_path / "runs2", steps=2, raise_on_sync=True,
                     plugins=[("planted", _PlantedPlugin())])
 
@@ -287,8 +287,14 @@ def test_probe_steps_sees_every_range_of_a_fixmatch_step(tmp_path):
     assert all(r.step in (0, 1, 2) for r in res.records)
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 19: syncs in the step")
+#: recipes whose steps still sync (plugin state on the host: BMB memory, Align, Consistency)
+STILL_SYNCING = ("bmb", "crest_plus", "alternate")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                            reason="issue 19: syncs in the step"))
+    if n in STILL_SYNCING else n for n in RECIPES])
 def test_no_host_device_sync_in_a_training_step(name, tmp_path):
     res = run_probe(name, tmp_path)
     assert res.steps > 0

@@ -111,6 +111,15 @@ def _consts(device: torch.device) -> _Consts:
     return _Consts(device)
 
 
+def prepare(device: torch.device | str) -> None:
+    """Forget the cached constants and build `device`'s now (the `strong` view calls it at stage
+    set-up, so a step copies nothing from the host; size-dependent caches are built on the
+    device, without copies, at their first use)."""
+    for fn in (_consts, _geo_lin, _grid_base, _centres):
+        fn.cache_clear()
+    _consts(torch.empty(0, device=device).device)
+
+
 @cache
 def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
     """(shear_x, shear_y, translate_x, translate_y) magnitudes -> the 9 matrix entries they add."""
@@ -128,7 +137,9 @@ def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tupl
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device)[:, None])
     base[..., 2].fill_(1)
-    return base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], dtype=dtype, device=device)
+    half = torch.full((2,), 0.5 * w, dtype=dtype, device=device)  # filled on the device: no copy
+    half[1] = 0.5 * h
+    return base.view(1, h * w, 3), half
 
 
 @cache

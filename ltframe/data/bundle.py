@@ -55,7 +55,9 @@ class ImageStore:
                 self._pending.clear()
             self._pending[key] = [self.pool.submit(self.files.load, i) for i in idx.tolist()]
 
-    def get(self, idx: Tensor) -> Tensor:
+    def get(self, idx: Tensor, idx_device: Tensor | None = None) -> Tensor:
+        """The uint8 images `idx` (host indices) on the store's device; `idx_device`: the same
+        indices already on the device (the trainer copies them once per batch), else copied."""
         if self.files is not None:
             jobs = self._pending.pop(idx.numpy().tobytes(), None)
             if jobs is not None:
@@ -69,8 +71,14 @@ class ImageStore:
                 batch = batch.pin_memory()
             return batch.to(self.device, non_blocking=True)
         if self.images.device == self.device:
-            return self.images[idx.to(self.device, non_blocking=True)]
-        return self.images[idx].to(self.device, non_blocking=True)
+            if idx_device is None:
+                cuda = self.device.type == "cuda"
+                idx_device = (idx.pin_memory() if cuda else idx).to(self.device, non_blocking=True)
+            return self.images[idx_device]
+        batch = self.images[idx]
+        if self.device.type == "cuda":  # pinned: the copy below is asynchronous
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
 
 
 @dataclass

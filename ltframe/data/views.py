@@ -204,6 +204,12 @@ class StrongView(Normalize):
         super().__init__(mean, std)
         self.p = params
 
+    def to(self, device: torch.device | str) -> StrongView:
+        """Normalisation and RandAugment constants on `device` now (stage set-up)."""
+        augment.prepare(device)
+        super().to(device)
+        return self
+
     def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
         if elsewhere(gen, x):
             return on_generator_device(StrongView.__call__, self, x, gen)

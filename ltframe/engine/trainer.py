@@ -53,9 +53,10 @@ class Trainer:
         self.autocast = self.cuda and self.recipe.run.precision == "bf16"
         self.channels_last = self.cuda and self.recipe.run.channels_last
         self.dist = dist.info()
-        # augmentation draws: one stream per rank (rank 0's is the single-process stream)
-        self.aug_gen = torch.Generator().manual_seed(self.recipe.run.seed + 1
-                                                     + 7_919 * self.dist.rank)
+        # augmentation draws: one stream per rank (rank 0's is the single-process stream), on
+        # the run's device, so views draw where the images are (no host <-> device sync)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(
+            self.recipe.run.seed + 1 + 7_919 * self.dist.rank)
         self.history: list[dict] = []
         self.record = EvalRecord(self.recipe.eval.report, self.recipe.eval.last_k)
         self.components: dict[str, Any] = {}
@@ -238,10 +239,12 @@ class Trainer:
         store = self.data.train
         for split, stream in st.streams.items():
             idx = stream.next()
-            x = store.get(idx)
+            # the indices go to the device once (pinned on CUDA: an asynchronous copy), for
+            # the image store, the targets and the components
+            idx_d = (idx.pin_memory() if self.cuda else idx).to(self.device, non_blocking=True)
+            x = store.get(idx, idx_d)
             if store.prefetches:  # file-backed: decode the next batch while this step runs
                 store.prefetch(stream.peek())
-            idx_d = idx.to(self.device, non_blocking=True)
             out["indices"][split] = idx_d
             if split == "labeled":  # targets from the run's table, never the source's labels
                 out["targets"] = labels[idx_d]
@@ -337,6 +340,10 @@ class Trainer:
         views = {split: [(v.name, reg.build(v, mean=mean, std=std)) for v in specs]
                  for split, specs in (("labeled", cfg.views.labeled),
                                       ("unlabeled", cfg.views.unlabeled))}
+        for _, view in (pair for pairs in views.values() for pair in pairs):
+            if callable(getattr(view, "to", None)):  # device constants now, not at step 0
+                view.to(self.device)
+        self.table.on(self.device)  # the table's device copy now, not at the first step
         st = Stage(
             plan=plan, spe=spe, total=total,
             schedule=reg.build(plan.optim.schedule, steps_per_epoch=spe, total_steps=total),
@@ -687,15 +694,25 @@ class Trainer:
         f = self.run.run_dir / "metrics.jsonl"
         return f.stat().st_size if f.is_file() else 0
 
+    def _set_aug_state(self, state: Tensor) -> None:
+        """Restore the augmentation generator; a state of another kind of generator (a
+        checkpoint written on another device, or by a version whose generator was on the CPU)
+        seeds it deterministically instead (the same augmentations on every such resume, not
+        those of the original run)."""
+        try:
+            self.aug_gen.set_state(state)
+        except RuntimeError:
+            self.aug_gen.manual_seed(_aug_state_seed(state))
+
     def restore(self, tensors: dict[str, Tensor], meta: dict) -> None:
         """Model weights, RNG states and history from a checkpoint (optimizer: in run_stage)."""
         ckpt.load_module_state(self.model, tensors, "model", meta.get("tensors", "checkpoint"))
         rng = ckpt.unflatten_state(meta["rng"], tensors)
         ranks = rng.get("aug_ranks")
         if ranks is not None and ranks.shape[0] == self.dist.world_size:
-            self.aug_gen.set_state(ranks[self.dist.rank].clone())
+            self._set_aug_state(ranks[self.dist.rank].clone())
         elif self.dist.rank == 0:
-            self.aug_gen.set_state(rng["aug"])
+            self._set_aug_state(rng["aug"])
         torch.set_rng_state(rng["torch"])
         if self.cuda and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -703,6 +720,16 @@ class Trainer:
         if any(k.startswith("targets.") for k in tensors):
             self.table.load_state_dict({k[8:]: v for k, v in tensors.items()
                                         if k.startswith("targets.")})
+
+
+def _aug_state_seed(state: Tensor) -> int:
+    """A seed derived from another kind of generator's state (deterministic)."""
+    cpu = torch.Generator()
+    try:
+        cpu.set_state(state)
+    except RuntimeError:
+        cpu.manual_seed(int(state.to(torch.int64).sum()))
+    return int(torch.randint(0, 2**62, (1,), generator=cpu))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, name: str) -> None:
