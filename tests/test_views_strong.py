@@ -106,3 +106,23 @@ def test_views_draw_on_the_generator_device_and_cache_constants():
         out = view(x, torch.Generator().manual_seed(0))
         assert out.shape == x.shape and out.dtype == torch.float32
     assert not V.elsewhere(torch.Generator(), x) and not V.elsewhere(None, x)
+
+
+def test_augmentation_generator_state_of_another_kind_reseeds_deterministically():
+    """The trainer's generator lives on the run's device; a checkpoint's state of another kind
+    of generator (e.g. a CPU state resumed on CUDA, whose Philox state is 16 bytes) seeds it
+    deterministically instead of failing; a state of its own kind is restored as is."""
+    from types import SimpleNamespace
+
+    from ltframe.engine.trainer import Trainer
+
+    def restored(state):
+        t = SimpleNamespace(aug_gen=torch.Generator().manual_seed(123))
+        Trainer._set_aug_state(t, state)
+        return torch.rand(4, generator=t.aug_gen)
+
+    own = torch.Generator().manual_seed(9)
+    assert torch.equal(restored(own.get_state()), torch.rand(4, generator=own))
+    philox = torch.arange(16, dtype=torch.uint8)  # not a CPU generator's state
+    assert torch.equal(restored(philox), restored(philox))
+    assert not torch.equal(restored(philox), restored(philox.flip(0)))

@@ -4,7 +4,7 @@ RandAugment (Cubuk et al. 2020, "RandAugment", CVPR-W) in FixMatch's variant as 
 (microsoft/Semi-supervised-learning, semilearn/datasets/augmentation/randaugment.py,
 ``augment_list``): each image gets ``n_ops`` ops drawn uniformly with replacement from OPS, each
 with a magnitude m ~ U(RANGES[op]) drawn per image and op; ``invert`` is defined but not drawn.
-The ops, ranges and fills are those of ``ltframe.data.views`` (see its docstring); here each op
+``ltframe.data.views`` (the ``strong`` view) uses this module and re-exports its names. Each op
 works on uint8 [B,3,H,W] with a [B] tensor of magnitudes and equals the
 torchvision.transforms.v2.functional call on the uint8 image, applied per image:
 
@@ -41,7 +41,7 @@ How it stays lean and static (no host sync, fixed kernel sequence for a given n_
   (small matmuls build the matrices and grid: keep TF32 matmuls off, torch's default, for
   torchvision-exact warps).
 
-Differences from ``views.rand_augment`` (float ops in the drawn order):
+Differences from the former ``views.rand_augment`` (float ops in the drawn order, removed):
 - values are uint8 between ops (as in USB / PIL and torchvision's uint8 kernels), so colour ops
   round (truncate) like torchvision's uint8 path instead of staying in float;
 - an image's geometric ops all apply after its colour ops, composed into a single resampling:
@@ -49,7 +49,7 @@ Differences from ``views.rand_augment`` (float ops in the drawn order):
   is kept (sequential nearest warps fill it with 0) and pixels are rounded once instead of per
   op; colour statistics (autocontrast, equalize, contrast) never see the geometric fill, and the
   fill stays 0 (a later solarize in USB may turn it white);
-- the draws are views.py's, in its order (on a CPU generator the same numbers), except that with
+- the draws are the former views.py's, in its order (on a CPU generator the same numbers), except that with
   max_ops > n_ops all max_ops rounds are drawn (rounds past the batch's count are identity), so
   later draws from the generator (Cutout's) shift.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -723,13 +724,9 @@ class Trainer:
 
 
 def _aug_state_seed(state: Tensor) -> int:
-    """A seed derived from another kind of generator's state (deterministic)."""
-    cpu = torch.Generator()
-    try:
-        cpu.set_state(state)
-    except RuntimeError:
-        cpu.manual_seed(int(state.to(torch.int64).sum()))
-    return int(torch.randint(0, 2**62, (1,), generator=cpu))
+    """A seed derived from another kind of generator's state (deterministic: its SHA-256)."""
+    digest = hashlib.sha256(state.detach().cpu().contiguous().numpy().tobytes()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, name: str) -> None:
