@@ -19,12 +19,16 @@ from ltframe.errors import RecipeError, RegistryError, allowed, closest
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sampler": ("an index sampler (ltframe.data.samplers.IndexSampler)",
                 ("labels", "num_classes", "seed", "rank", "world_size")),
+    # device: the run's torch.device; build state (buffers, memories) there at construction,
+    # never copy it in a step (issue 19). class_counts / labeled_counts are on it too.
     "pseudo_labeler": ("a callable(StepContext) -> PseudoLabels (and/or label_pool(pool))",
-                       ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed")),
+                       ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed",
+                        "device")),
     "loss": ("a callable(StepContext) -> scalar tensor",
-             ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed")),
+             ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed", "device")),
     "transform": ("a callable(StepContext) -> None run before the forward (may replace inputs)",
-                  ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed")),
+                  ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed",
+                   "device")),
     "head": ("an nn.Module mapping features to logits", ("in_features", "num_classes")),
     "scheduler": ("a StageScheduler (next_stage(history) -> StagePlan | None)", ("stages",)),
     # unlabeled=True: built as [data] unlabeled (no test set needed); image_size: the labelled

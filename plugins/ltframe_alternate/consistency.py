@@ -44,16 +44,25 @@ class ConsistencyParams:
 class Consistency:
     """Soft CE (or KL) between each sample's softmax of the previous epoch and the current one."""
 
-    def __init__(self, params: ConsistencyParams, num_classes: int, num_samples: int) -> None:
+    def __init__(self, params: ConsistencyParams, num_classes: int, num_samples: int,
+                 class_counts: Tensor | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.p = params
         self.num_classes = num_classes
         self.num_samples = num_samples
-        uniform = torch.full((num_samples, num_classes), 1.0 / num_classes)
+        # the tables live on the run's device from the start (`device`; without it, that of
+        # `class_counts`, which the engine puts there): no copy in any step
+        if device is not None:
+            dev = torch.device(device)
+        else:
+            dev = class_counts.device if class_counts is not None else torch.device("cpu")
+        uniform = torch.full((num_samples, num_classes), 1.0 / num_classes, device=dev)
         self.prev = uniform
         self.next = uniform.clone()
         self.epoch = -1  # the epoch of the last step seen (-1: none yet)
 
     def _to(self, device: torch.device) -> None:
+        """Fallback for a loss built on another device than its batches: moved once."""
         if self.prev.device != device:
             self.prev, self.next = self.prev.to(device), self.next.to(device)
 

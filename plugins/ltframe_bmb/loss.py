@@ -67,20 +67,37 @@ class BmbLoss:
     """The auxiliary branch of BMB; see the module docstring."""
 
     def __init__(self, params: BmbParams, num_classes: int, class_counts: Tensor,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: torch.device | str | None = None) -> None:
         self.p = params
         self.num_classes = num_classes
-        self.labeled_counts = class_counts.float()
+        # all state on the run's device from the start (`device`; without it, that of
+        # `class_counts`, which the engine puts there): nothing is copied in a step
+        dev = torch.device(device) if device is not None else class_counts.device
+        self.labeled_counts = class_counts.float().to(dev)
+        self.device = self.labeled_counts.device  # with its index ("cuda" -> "cuda:0")
         self.seed = seed * 1_000_003 + params.seed
         self.memory: BalancedMemory | None = None  # built at the first step (feature width)
-        self.estimate = torch.zeros(num_classes)  # accumulated kept pseudo-labels per class
+        # accumulated kept pseudo-labels per class
+        self.estimate = torch.zeros(num_classes, device=self.device)
+        self._generator: torch.Generator | None = None
 
     def _gen(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 7_919 + step)
+        """The step's generator, on the state's device, seeded with (seed, step)."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device)
+        return self._generator.manual_seed(self.seed * 7_919 + step)
+
+    def _to(self, device: torch.device) -> None:
+        """Fallback for a loss built on another device than its batches: moved once."""
+        self.device, self._generator = device, None
+        self.labeled_counts = self.labeled_counts.to(device)
+        self.estimate = self.estimate.to(device)
+        if self.memory is not None:
+            self.memory.to(device)
 
     def class_estimate(self) -> Tensor:
         """N^: accumulated pseudo-label counts, or the labeled counts (none kept yet / `labeled`)."""
-        lab = self.labeled_counts.to(self.estimate.device)
+        lab = self.labeled_counts
         if self.p.estimate == "labeled":
             return lab
         return torch.where(self.estimate.sum() > 0, self.estimate, lab)
@@ -92,8 +109,8 @@ class BmbLoss:
         if ctx.targets is None:
             raise LtframeError("loss bmb needs a labeled batch: set the stage's data to "
                                "\"labeled+unlabeled\"")
-        self.labeled_counts = self.labeled_counts.to(dev)
-        self.estimate = self.estimate.to(dev)
+        if dev != self.device:
+            self._to(dev)
         w_lab = adaptive_weights(self.labeled_counts, p.power)[ctx.targets]
         loss = (w_lab * F.cross_entropy(lab_logits, ctx.targets, reduction="none")).mean()
         if ctx.step < p.warmup:
@@ -109,9 +126,8 @@ class BmbLoss:
         strong = ctx.logits(p.strong, p.head).float()
         loss = loss + p.lambda_u * (w_u * F.cross_entropy(strong, pl, reduction="none")).mean()
         feats = gather_batch(ctx.features(p.strong).detach().float())
-        if self.memory is None:
+        if self.memory is None:  # allocated on the device (no copy)
             self.memory = BalancedMemory(p.size, feats.shape[1], self.num_classes, dev)
-        self.memory.to(dev)
         gen = self._gen(ctx.step)
         self.memory.enqueue(feats, g_pl, g_kept, p.beta_in, gen)
         m_feats, m_labels, m_valid = self.memory.get(p.get, est, p.beta_get, gen)
@@ -127,11 +143,11 @@ class BmbLoss:
         return out
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.estimate = state["estimate"].float().clone()
+        self.estimate = state["estimate"].to(self.device, torch.float32).clone()
         if "memory.feats" in state:
             feats = state["memory.feats"]
             self.memory = BalancedMemory(self.p.size, feats.shape[1], self.num_classes,
-                                         self.estimate.device)
+                                         self.device)
             self.memory.load_state_dict({"feats": feats, "labels": state["memory.labels"]})
 
 

@@ -10,8 +10,9 @@ With n_c the number of stored items of class c, clamped to >= 1e-3:
 - get: m items are drawn without replacement, item i with probability proportional to
   (1 / N^_{c_i})^beta_get (N^ the estimated unlabeled class distribution: reversed sampling).
 
-Random draws come from a CPU generator (copied to the device). Every operation is a
-fixed-shape tensor program (no Python loop over samples or classes, no host synchronisation):
+Random draws come from a generator on the memory's device (`torch.rand(..., device=)`, never
+a host draw copied over). Every operation is a fixed-shape tensor program (no Python loop over
+samples or classes, no host synchronisation):
 draws without replacement use the Efraimidis-Spirakis keys log(u) / w, whose k largest are a
 weighted sample of k without replacement (the distribution of
 torch.multinomial(w, k, replacement=False)).
@@ -34,7 +35,7 @@ def admission_prob(labels: Tensor, counts: Tensor, beta_in: float) -> Tensor:
 
 def draw_keys(weights: Tensor, gen: torch.Generator | None) -> Tensor:
     """Efraimidis-Spirakis keys: the k largest are a weighted sample of k without replacement."""
-    u = torch.rand(weights.shape, generator=gen).to(weights.device).clamp_min(1e-12)
+    u = torch.rand(weights.shape, generator=gen, device=weights.device).clamp_min(1e-12)
     return u.log() / weights.clamp_min(_TINY)
 
 
@@ -48,6 +49,7 @@ class BalancedMemory:
         self.labels = torch.full((size,), -1, dtype=torch.long, device=device)
 
     def to(self, device: torch.device) -> BalancedMemory:
+        """Move the slots (once, e.g. a memory built on another device than its batches)."""
         self.feats, self.labels = self.feats.to(device), self.labels.to(device)
         return self
 
@@ -62,7 +64,7 @@ class BalancedMemory:
         """Admit candidates (`candidate` mask) with p_in, then drop the overflow weighted by
         1 - p_in. Returns the admission mask."""
         n = self.counts()
-        u = torch.rand(labels.shape, generator=gen).to(labels.device)
+        u = torch.rand(labels.shape, generator=gen, device=labels.device)
         admitted = candidate & (u < admission_prob(labels, n, beta_in))
         all_feats = torch.cat([self.feats, feats.detach().to(self.feats.dtype)])
         all_labels = torch.cat([self.labels, torch.where(admitted, labels, -1)])

@@ -79,6 +79,18 @@ def second_unlabeled_view(ctx: StepContext, who: str) -> str:
     return parts[1]
 
 
+def state_device(device: torch.device | str | None, *like: Tensor | None) -> torch.device:
+    """Where a component keeps its state: the factory's `device` (the run's device), else that
+    of the first given tensor (the engine puts `class_counts` / `labeled_counts` on the run's
+    device), else the CPU. State made there at construction is never copied in a step."""
+    if device is not None:
+        return torch.device(device)
+    for t in like:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
 def normalize(x: Tensor, dim: int = -1) -> Tensor:
     return x / x.sum(dim=dim, keepdim=True)
 

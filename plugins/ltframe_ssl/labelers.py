@@ -28,7 +28,7 @@ from ltframe.engine.context import PoolLabels, PoolPredictions, PseudoLabels, St
 from ltframe.engine.dist import all_sum, world_size
 from ltframe.errors import LtframeError
 from ltframe.registry import Registry
-from ltframe_ssl.common import normalize
+from ltframe_ssl.common import normalize, state_device
 
 EPS = 1e-6  # in numerator and denominator, as both references
 
@@ -139,16 +139,20 @@ class Align(Threshold):
     """
 
     def __init__(self, params: AlignParams, num_classes: int, class_counts: Tensor,
-                 labeled_counts: Tensor | None = None) -> None:
+                 labeled_counts: Tensor | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(params, num_classes)
         self.p: AlignParams = params
         counts = labeled_counts if labeled_counts is not None else class_counts
-        self.target = align_target(counts, params.t, params.ratio)
-        self.buffer = torch.full((params.window, num_classes), 1.0 / num_classes)
+        # the state lives on the run's device from the start: no copy in any step
+        dev = state_device(device, counts)
+        self.target = align_target(counts, params.t, params.ratio).to(dev)
+        self.buffer = torch.full((params.window, num_classes), 1.0 / num_classes, device=dev)
         self.count = 0  # window: batch means written so far (ring position = count % window)
         self.ema: Tensor | None = None
 
     def _on(self, device: torch.device) -> None:
+        """Fallback for a labeler built on another device than its batches: moved once."""
         if self.target.device != device:
             self.target = self.target.to(device)
             self.buffer = self.buffer.to(device)
