@@ -1,5 +1,6 @@
-"""RandAugment speed and op count: ltframe.data.views.rand_augment (old: float ops, every candidate
-op on the whole batch) vs ltframe.data.augment.rand_augment (new: uint8 LUTs, blends, one warp).
+"""RandAugment speed and op count: the float RandAugment views.py had before issue 19 (old: float
+ops, every candidate op on the whole batch; read from git commit OLD_COMMIT, skipped without git)
+vs ltframe.data.augment.rand_augment (new: uint8 LUTs, blends, one warp).
 
 Batch 448 of 32x32 RGB uint8 (FixMatch's unlabeled batch, mu = 7 x 64). Prints ms per call (median
 of --iters after --warmup calls) and the aten ops dispatched per call (TorchDispatchMode; "kernels"
@@ -15,16 +16,38 @@ On CUDA, new also runs once under torch.cuda.set_sync_debug_mode("error") (no ho
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ltframe.data import augment as A
-from ltframe.data import views as V
+
+OLD_COMMIT = "6a17960"  # the last commit with views.py's float RandAugment
+
+
+def old_rand_augment() -> Callable | None:
+    """views.rand_augment as it was at OLD_COMMIT (imported from `git show`), or None."""
+    try:
+        src = subprocess.run(["git", "show", f"{OLD_COMMIT}:ltframe/data/views.py"], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "old_views.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("old_views", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["old_views"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod.rand_augment
 
 _VIEW_OPS = {"view", "_unsafe_view", "expand", "slice", "select", "unsqueeze", "squeeze", "t",
              "transpose", "permute", "as_strided", "detach", "alias", "reshape", "unbind", "split",
@@ -90,9 +113,13 @@ def main() -> None:
     print(f"device {dev} ({torch.get_num_threads()} CPU threads), batch {args.batch} x 3 x "
           f"{args.size} x {args.size}, median of {args.iters} calls")
     print(f"{'n_ops':>5}  {'impl':<4} {'ms/call':>9} {'aten ops':>9} {'kernels':>8} {'cuda-path':>9}")
+    old = old_rand_augment()
+    if old is None:
+        print(f"(old implementation skipped: `git show {OLD_COMMIT}:ltframe/data/views.py` failed)")
     for n in (int(s) for s in args.n_ops.split(",")):
-        impls = {"old": lambda n=n: V.rand_augment(xf, cpu_gen, n),
-                 "new": lambda n=n: A.rand_augment(u8, dev_gen, n)}
+        impls = {"new": lambda n=n: A.rand_augment(u8, dev_gen, n)}
+        if old is not None:
+            impls = {"old": lambda n=n: old(xf, cpu_gen, n)} | impls
         for name, fn in impls.items():
             c = count_ops(fn)
             A.CPU_FAST_PATHS = False

@@ -454,3 +454,11 @@ def test_report_out_that_is_a_file_is_named(tmp_path):
 
     with pytest.raises(LtframeError, match="report.md: is a file, not a folder"):
         write_report([run_dir], blocker)
+
+
+def test_resume_with_overrides_gets_the_checks_a_new_run_gets(tmp_path):
+    run_dir = _interrupted(tmp_path)
+    before = _files(run_dir)
+    with pytest.raises(RecipeError, match=r"train\[0\]: unknown model part 'heads\.nope'"):
+        resume_run(run_dir, ['stage.0.train=["heads.nope"]'])
+    assert _files(run_dir) == before  # refused before anything was written

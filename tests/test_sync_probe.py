@@ -287,14 +287,7 @@ def test_probe_steps_sees_every_range_of_a_fixmatch_step(tmp_path):
     assert all(r.step in (0, 1, 2) for r in res.records)
 
 
-#: recipes whose steps still sync (plugin state on the host: BMB memory, Align, Consistency)
-STILL_SYNCING = ("bmb", "crest_plus", "alternate")
-
-
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                            reason="issue 19: syncs in the step"))
-    if n in STILL_SYNCING else n for n in RECIPES])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_no_host_device_sync_in_a_training_step(name, tmp_path):
     res = run_probe(name, tmp_path)
     assert res.steps > 0

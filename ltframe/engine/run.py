@@ -335,6 +335,8 @@ def _resume_locked(run_dir: Path, overrides: list[str], recipe: Recipe, meta: di
     known = {meta.get("recipe_sha256")} | {r.get("recipe_sha256") for r in meta.get("resumes", [])}
     run = _prepare(recipe, pm, registry, run_dir, bool(meta.get("smoke")))
     check_splits(run.data, run_dir)
+    if overrides or accept_edited:  # a changed recipe gets the checks a new run gets
+        preflight(run)
     _build_loggers(run)
     same_recipe = not overrides and not accept_edited
     if from_checkpoint is not None:

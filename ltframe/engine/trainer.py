@@ -321,7 +321,7 @@ class Trainer:
         self.prior_counts = counts.cpu()
         ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
                       seed=rc.run.seed * 1000 + plan.index,
-                      labeled_counts=d.labeled_counts.to(self.device))
+                      labeled_counts=d.labeled_counts.to(self.device), device=self.device)
         losses: list[tuple[str, float, int, Any]] = []
         for i, spec in enumerate(cfg.loss):
             taken = [n for n, *_ in losses]
