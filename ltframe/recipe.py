@@ -54,6 +54,9 @@ class RunCfg:
     loggers: list[ComponentSpec] = _c("logger", factory=list)
     # torch.compile of the training forward (model and losses stay eager); "off" = eager
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # cuDNN autotuning on CUDA (torch.backends.cudnn.benchmark): faster convolutions; the chosen
+    # algorithms may differ between processes, so false for bit-exact GPU resumes
+    cudnn_benchmark: bool = True
 
 
 @dataclass
@@ -158,7 +161,8 @@ class EvalCfg:
         if isinstance(self.posthoc_tau, list) and not self.posthoc_tau:
             raise RecipeError("eval.posthoc_tau = []: give one tau or a non-empty list, e.g. "
                               "[0.0, 1.0] (0 = no post-hoc adjustment)")
-    batch_size: int = param(512, ge=1, le=MAX_BATCH)
+    # images per evaluation forward (no gradients: logits stay on the device until the end)
+    batch_size: int = param(1024, ge=1, le=MAX_BATCH)
     report: Literal["last", "best", "mean_last_k"] = "last"  # the final stage's number
     last_k: int = param(1, ge=1)  # mean_last_k: mean of the final stage's last k evaluations
     # post-hoc logit adjustment: logits - tau * log(labeled prior); a list gives one row per tau

@@ -97,8 +97,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     conf = torch.tensor([[float(r[3]) for r in rs] for rs in rows])
     assert torch.allclose(conf[0], conf[1], atol=1e-5)
     # only rank 0 wrote: one line per event
-    events = [json.loads(x)["event"] for x in (double / "metrics.jsonl").open()]
+    records = [json.loads(x) for x in (double / "metrics.jsonl").open()]
+    events = [r["event"] for r in records]
     assert events.count("stage_start") == 1 and events.count("eval") == 2
+    # both heads feed a loss from step 0 (ce, fixmatch: main; bmb: aux): DDP without the
+    # per-step search for unused parameters, and still equal to one process (above)
+    (start,) = (r for r in records if r["event"] == "stage_start")
+    assert start["ddp_find_unused_parameters"] is False
 
 
 def test_resume_continues_a_ddp_run(tmp_path):

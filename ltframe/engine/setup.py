@@ -33,6 +33,16 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def set_cudnn_benchmark(device: torch.device, enabled: bool = True) -> bool:
+    """cuDNN autotuning (`torch.backends.cudnn.benchmark`) for a run on CUDA: each convolution
+    shape picks its fastest algorithm once (the training shapes are static). Set once at run
+    set-up; a CPU run leaves the flag as it is. Returns whether it was set."""
+    if device.type != "cuda" or not enabled:
+        return False
+    torch.backends.cudnn.benchmark = True
+    return True
+
+
 def check_out_dir(out_dir: str | Path, label: str = "--out") -> None:
     """`--out` (or run.out_dir, named by `label`) must be a folder, or not exist yet, in a place
     we can write to; checked before any data is loaded or file written."""

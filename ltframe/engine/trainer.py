@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ltframe.config import refs
 from ltframe.data.samplers import BatchStream
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
@@ -29,6 +30,7 @@ from ltframe.engine.forward import forward_no_grad
 from ltframe.engine.labelling import check_offline, label_pool, pool_index
 from ltframe.engine.preflight import check_plan_data
 from ltframe.engine.report import Reporter
+from ltframe.engine.setup import set_cudnn_benchmark
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
 from ltframe.engine.targets import TargetTable
@@ -54,6 +56,8 @@ class Trainer:
         self.autocast = self.cuda and self.recipe.run.precision == "bf16"
         self.channels_last = self.cuda and self.recipe.run.channels_last
         self.dist = dist.info()
+        set_cudnn_benchmark(self.device, self.recipe.run.cudnn_benchmark)  # CUDA only
+        self.find_unused: bool | None = None  # DDP's find_unused_parameters of the stage
         # augmentation draws: one stream per rank (rank 0's is the single-process stream), on
         # the run's device, so views draw where the images are (no host <-> device sync)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(
@@ -277,8 +281,9 @@ class Trainer:
         hook = self.run.pm.hook
         hook.ltframe_stage_start(run=self.run, stage=plan)
         self.reporter.stage_start(plan.name, st.total, st.start)
+        extra = {} if self.find_unused is None else {"ddp_find_unused_parameters": self.find_unused}
         self.log("stage_start", stage=plan.name, index=plan.index, total_steps=st.total,
-                 steps_per_epoch=st.spe, resumed_at=st.start)
+                 steps_per_epoch=st.spe, resumed_at=st.start, **extra)
         for step in range(st.start, st.total):
             self.position = (plan.name, step, st.total)
             if not dist.agent_alive():
@@ -356,25 +361,28 @@ class Trainer:
             transform=transform,
             teacher=_frozen_copy(self.model) if cfg.teacher == "start" else None,
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
-            train_forward=self._train_forward() if params and total > 0 else None,
+            train_forward=self._train_forward(plan) if params and total > 0 else None,
         )
         if resume is not None:
             self._restore_stage(st, *resume)
         return st
 
-    def _train_forward(self) -> torch.nn.Module | None:
+    def _train_forward(self, plan: StagePlan) -> torch.nn.Module | None:
         """The training forward of a stage when it is not the plain model: wrapped in
         DistributedDataParallel (gradients averaged over ranks) under torchrun, and/or
         torch.compile'd (`run.compile`). Built per stage: the trainable parameters change.
         The model itself (checkpoints, EMA, evaluation) stays the eager module."""
         fwd: torch.nn.Module | None = None
+        self.find_unused = None
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.cuda else None
-            # heads outside a stage's losses (e.g. a rotation head) get no gradient
+            # heads outside a stage's losses (e.g. a rotation head) get no gradient: only then
+            # does DDP need its per-step search of the autograd graph for unused parameters
+            self.find_unused = needs_find_unused(self.model, plan.cfg.loss)
             fwd = DistributedDataParallel(self.model, device_ids=ids,
-                                          find_unused_parameters=True)
+                                          find_unused_parameters=self.find_unused)
         mode = self.recipe.run.compile
         if mode != "off":
             fwd = torch.compile(self.model if fwd is None else fwd,
@@ -758,6 +766,29 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, name: str) -> 
 
 #: named step ranges for torch.profiler (benchmarks/speed.py --profile sets it)
 PROFILE_SPANS = False
+
+
+def needs_find_unused(model: torch.nn.Module, losses: list) -> bool:
+    """Whether DDP must look for unused parameters (`find_unused_parameters=True`) in a stage
+    with the loss specs `losses` and the model's current `requires_grad` flags.
+
+    Every head of `LTModel` is computed in the forward, but a head's parameters get a gradient
+    only if a loss uses its logits. False (no per-step graph search) only when every head with
+    a trainable parameter is named (`head` field or `param(ref="head"/"any_head")`) by a loss
+    computed from the stage's first step (`start = 0`; a later-starting term leaves its head
+    without gradient until then); pseudo-labelers and transforms name heads without
+    gradient, so they do not count. True when no loss names any head (e.g. a loss without a
+    `head` field). Assumed: a loss that names a head uses its logits with gradient at every
+    step, and the backbone uses all its parameters (with False, DDP stops with an error at the
+    next step otherwise)."""
+    named = {value for spec in losses if getattr(spec, "start", 0) <= 0
+             for _, ref, value in refs(spec.params) if ref in ("head", "any_head")}
+    heads = getattr(model, "heads", None)
+    if not named or heads is None:
+        return True
+    trainable = {name for name, head in heads.items()
+                 if any(p.requires_grad for p in head.parameters())}
+    return not trainable <= named
 
 
 def _span(name: str) -> Any:

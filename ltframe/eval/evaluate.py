@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -9,28 +11,61 @@ from ltframe.data.bundle import ImageStore
 from ltframe.data.views import NoneParams, NoneView
 from ltframe.eval.metrics import SCALARS, classification_metrics
 
+#: device memory of outputs held before they go to the host in one copy (the usual evaluation
+#: holds all its logits: one transfer at the end)
+HOLD_BYTES = 1 << 30
+
+
+@functools.lru_cache(maxsize=16)
+def _view(mean: tuple[float, ...], std: tuple[float, ...]) -> NoneView:
+    """One normalising view per (mean, std): its device constants are made once, not at every
+    evaluation."""
+    return NoneView(NoneParams(), mean, std)
+
 
 @torch.no_grad()
 def _batched(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch_size: int,
              forward, autocast: bool = False, channels_last: bool = False) -> Tensor:
-    """`forward(model, x)` over un-augmented batches of `index`, in eval mode; float32 CPU."""
-    view = NoneView(NoneParams(), mean, std)
+    """`forward(model, x)` over un-augmented batches of `index`, in eval mode; float32 CPU.
+
+    No host <-> device sync per batch: the indices go to the device once, the outputs stay on
+    the device and come to the host in one copy at the end (or per `HOLD_BYTES` of outputs)."""
+    view = _view(tuple(float(v) for v in mean), tuple(float(v) for v in std)).to(store.device)
     modes = [m.training for m in model.modules()]  # frozen parts stay in eval mode afterwards
     model.eval()
-    outs = []
+    index = index.cpu()
+    images = getattr(store, "images", None) if getattr(store, "files", None) is None else None
+    on_device = images is not None and images.device == store.device
+    idx_device = None
+    if on_device and index.numel():
+        cuda = store.device.type == "cuda"
+        idx_device = (index.pin_memory() if cuda else index).to(store.device, non_blocking=True)
+    host: list[Tensor] = []
+    held: list[Tensor] = []
+    held_bytes = 0
     try:
         for start in range(0, index.numel(), batch_size):
             if store.prefetches:  # file-backed: decode the next batch meanwhile
                 store.prefetch(index[start + batch_size:start + 2 * batch_size])
-            x = view(store.get(index[start:start + batch_size]))
+            idx = index[start:start + batch_size]
+            x = view(store.get(idx) if idx_device is None
+                     else store.get(idx, idx_device[start:start + batch_size]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(store.device.type, dtype=torch.bfloat16, enabled=autocast):
-                outs.append(forward(model, x).float().cpu())
+                held.append(forward(model, x).float())
+            held_bytes += held[-1].numel() * 4
+            if held_bytes >= HOLD_BYTES:
+                host.append(torch.cat(held).cpu())
+                held, held_bytes = [], 0
+        if held:
+            host.append(torch.cat(held).cpu())
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
-    return torch.cat(outs) if outs else torch.zeros(0)
+    if not host:
+        return torch.zeros(0)
+    return host[0] if len(host) == 1 else torch.cat(host)
 
 
 def predict(model: nn.Module, store: ImageStore, index: Tensor, mean, std, batch_size: int,
