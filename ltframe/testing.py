@@ -26,6 +26,29 @@ TINY_RECIPE: dict[str, Any] = {
 }
 
 
+def edge_case_images(b: int = 4, h: int = 32, w: int = 32) -> torch.Tensor:
+    """Seeded uint8 RGB images with different statistics for augmentation tests: full-range
+    noise, a low-contrast image, a smooth gradient with noise, and one with a two-level and a
+    constant channel (the autocontrast / equalize edge cases); repeated when b > 4."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(b, 3, h, w, generator=g)
+    x = torch.empty(b, 3, h, w)
+    ramp = torch.linspace(0, 1, w)[None, None, :] * torch.linspace(0.2, 1, h)[None, :, None]
+    for i in range(b):
+        kind = i % 4
+        if kind == 0:
+            x[i] = u[i] * 255
+        elif kind == 1:
+            x[i] = 60 + u[i] * 80
+        elif kind == 2:
+            x[i] = 20 + 150 * ramp + 40 * u[i]
+        else:
+            x[i] = torch.where(u[i] < 0.3, 10.0, 200.0)
+            x[i, 1] = 30 + u[i, 1] * 100
+            x[i, 2] = 77
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
 def tiny_recipe(tmp_path: Path, name: str = "recipe.toml", **over: Any) -> Path:
     """Write a tiny CPU recipe (4 classes, 16x16 synthetic images) merged with `over`."""
     data = merge(copy.deepcopy(TINY_RECIPE), over)

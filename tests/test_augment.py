@@ -23,29 +23,15 @@ from torchvision.transforms.v2 import functional as TF
 
 from ltframe.data import augment as A
 from ltframe.data import views as V
+from ltframe.testing import edge_case_images
 
 ATOL = 1e-5
 B, H, W = 4, 32, 32
 
 
-def _images() -> torch.Tensor:
-    """4 seeded uint8 RGB images with different statistics: full-range noise, a low-contrast
-    image, a smooth gradient with noise, and one with a two-level and a constant channel (the
-    autocontrast / equalize edge cases)."""
-    g = torch.Generator().manual_seed(0)
-    u = torch.rand(B, 3, H, W, generator=g)
-    x = torch.empty(B, 3, H, W)
-    x[0] = u[0] * 255
-    x[1] = 60 + u[1] * 80
-    ramp = torch.linspace(0, 1, W)[None, None, :] * torch.linspace(0.2, 1, H)[None, :, None]
-    x[2] = 20 + 150 * ramp + 40 * u[2]
-    x[3] = torch.where(u[3] < 0.3, 10.0, 200.0)
-    x[3, 1] = 30 + u[3, 1] * 100
-    x[3, 2] = 77
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
-U8 = _images()
+U8 = edge_case_images(B, H, W)
 X = U8.float() / 255
 
 
