@@ -15,7 +15,8 @@ after each, so a failure or a timeout keeps the other sections' numbers):
              losses / backward / optimizer / EMA, plus one evaluation's share per protocol
              period) and the host-sync count (CUDA: `torch.cuda.set_sync_debug_mode("warn")`
              warnings over the profiled steps; CPU: `ltframe.probes.probe_steps`' SyncProbe)
-  compile    fixmatch eager vs `run.compile = "default"` (CUDA graph: not implemented)
+  compile    fixmatch eager vs the whole step compiled (`run.compile = "default"`) vs the
+             compiled step in CUDA graphs (`run.cuda_graph = true`)
   cifar10_lt ResNet-32 CE on CIFAR-10-LT (recipes/cifar10_lt/ce.toml) on the carried export
              `.carry/cifar10-jpg.tar.gz` (extracted to .carry/cifar10/): the 200-epoch schedule
              compressed to the epochs the time budget allows (reported), time and top-1
@@ -77,10 +78,12 @@ def time_limit(seconds: float) -> Iterator[None]:
 
 # --- sizes -------------------------------------------------------------------------------------
 
-def shrink(raw: dict, dry: bool, compile_mode: str | None = None) -> dict:
+def shrink(raw: dict, dry: bool, compile_mode: str | None = None, cuda_graph: bool = False) -> dict:
     """benchmarks/speed.py's recipe, made tiny for the CPU dry run (and/or compiled)."""
     if compile_mode:
         raw["run"]["compile"] = compile_mode
+    if cuda_graph:
+        raw["run"]["cuda_graph"] = True
     if not dry:
         return raw
     data = raw["data"]
@@ -102,12 +105,13 @@ def shrink(raw: dict, dry: bool, compile_mode: str | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def patched_recipe(dry: bool, compile_mode: str | None = None) -> Iterator[None]:
+def patched_recipe(dry: bool, compile_mode: str | None = None,
+                   cuda_graph: bool = False) -> Iterator[None]:
     """speed.run_workload builds its recipe with speed._recipe: wrap it (restored after)."""
     inner = speed._recipe
 
     def wrapped(*a: Any, **k: Any) -> dict:
-        return shrink(inner(*a, **k), dry, compile_mode)
+        return shrink(inner(*a, **k), dry, compile_mode, cuda_graph)
 
     speed._recipe = wrapped
     try:
@@ -185,19 +189,25 @@ def section_workloads(cfg: argparse.Namespace, budget: float, save: Callable[[],
     return into
 
 
-def section_compile(cfg: argparse.Namespace, results: dict) -> dict:
-    out: dict[str, Any] = {"cuda_graph": "n/a (not implemented)"}
+def section_compile(cfg: argparse.Namespace, results: dict, budget: float = 600.0) -> dict:
+    out: dict[str, Any] = {}
     if cfg.dry_run:
         out["skipped"] = ("dry run: torch.compile (inductor) takes minutes on a CPU; "
-                          "the GPU run compares fixmatch eager vs run.compile")
+                          "the GPU run compares fixmatch eager vs the compiled step vs CUDA graphs "
+                          "(tests/test_compile_step.py checks compiled == eager on the CPU)")
         return out
     eager = results.get("workloads", {}).get("fixmatch", {})
     steps, warmup = max(cfg.steps // 2, 1), max(cfg.warmup // 2, 1)  # warm-up holds the compile
-    with patched_recipe(cfg.dry_run, compile_mode="default"):
-        row = speed.run_workload("fixmatch", steps, warmup, cfg.root, cfg.device)
-    out.update(workload="fixmatch", steps=steps, eager_steps_per_s=eager.get("steps_per_s"),
-               compile_steps_per_s=row["steps_per_s"], compile_warmup_s=row["warmup_s"],
-               compile_images_per_s=row["images_per_s"])
+    out.update(workload="fixmatch", steps=steps, eager_steps_per_s=eager.get("steps_per_s"))
+    for key, graphs in (("compile", False), ("cuda_graph", True)):
+        try:
+            with time_limit(budget / 2), patched_recipe(cfg.dry_run, compile_mode="default",
+                                                        cuda_graph=graphs):
+                row = speed.run_workload("fixmatch", steps, warmup, cfg.root, cfg.device)
+            out.update({f"{key}_steps_per_s": row["steps_per_s"], f"{key}_warmup_s": row["warmup_s"],
+                        f"{key}_images_per_s": row["images_per_s"]})
+        except Exception as e:  # noqa: BLE001 - one failed mode leaves the other's numbers
+            out[f"{key}_error"] = f"{type(e).__name__}: {e}"[:300]
     return out
 
 
@@ -377,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     only = cfg.only.split(",")
     # share of the total each section may use (what is left when it starts, at most this)
     shares = ({"workloads": 0.7, "compile": 0.0, "cifar10_lt": 0.25, "usb": 0.05} if dry else
-              {"workloads": 0.45, "compile": 0.15, "cifar10_lt": 0.25, "usb": 0.15})
+              {"workloads": 0.4, "compile": 0.25, "cifar10_lt": 0.25, "usb": 0.1})
     plan: list[tuple[str, Callable[[float], dict]]] = [
         ("workloads", lambda b: section_workloads(cfg, b, save, res["workloads"])),
-        ("compile", lambda b: section_compile(cfg, res)),
+        ("compile", lambda b: section_compile(cfg, res, b)),
         ("cifar10_lt", lambda b: section_cifar(cfg, res, b)),
         ("usb", lambda b: section_usb(cfg, res)),
     ]

@@ -14,7 +14,10 @@ Workloads (synthetic CIFAR-sized data by default, `--root` for the real CIFAR-10
 `eval %` is one evaluation's share of wall time when evaluating once per protocol period (97
 steps = one CIFAR-10-LT epoch at batch 128; FixMatch 1024; BMB 500). `--profile` adds each step
 range's share (torch.profiler: data + augmentation, forward, losses, backward, optimizer, EMA);
-`--sync-check` (CUDA) counts host synchronisations in the steady state.
+`--sync-check` (CUDA) counts host synchronisations in the steady state. `--ops` prints the
+kernel-launching aten ops per eager step by range (counted on the CPU with
+`ltframe.probes.OpCounter` over the workload's own model and views at a tiny batch: the counts do
+not depend on the batch size), without timing anything.
 
 For (a)-(c) it runs `ltframe run` in-process on a temporary directory and times the steps with a
 hook: the first `--warmup` steps (setup excluded; cudnn autotune, torch.compile, first-touch
@@ -26,6 +29,7 @@ no extra host synchronisation. images/s counts every image forwarded (all views)
     .venv/bin/python benchmarks/speed.py --steps 300 --warmup 50      # GPU
     .venv/bin/python benchmarks/speed.py --only supervised,plain_torch --json out.json
     .venv/bin/python benchmarks/speed.py --root .cache/cifar10        # real CIFAR-10 export
+    .venv/bin/python benchmarks/speed.py --ops --only fixmatch,bmb    # launches per step by range
 
 `benchmarks/scaling.py` measures pseudo-labelling / selection / evaluation against pool size.
 """
@@ -315,6 +319,49 @@ def usb_table(rows: list[dict[str, Any]], usb: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: the ranges of the op table (a view's range is data/view:<name>)
+OP_COLUMNS = ("data", "forward", "pseudo_labeler", "losses", "backward", "optimizer", "ema", "other")
+
+
+def op_counts(workload: str) -> dict[str, float]:
+    """Kernel-launching ops per steady eager step by range, counted on the CPU (3 probed
+    steps, the first left out) with the workload's model, views and losses at batch 4."""
+    from ltframe.probes import probe_steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = _recipe(workload, 8, None, "cpu", Path(tmp) / "runs")
+        raw["data"]["batch_size"] = 4
+        raw["data"]["source"].update(train_per_class=150, test_per_class=4)
+        if "split" in raw["data"]:
+            raw["data"]["split"].update(labeled_head=50, labeled_ratio=10, unlabeled_head=100,
+                                        unlabeled_ratio=10)
+        for loss in raw["stage"][0].get("loss", []):
+            if loss["name"] == "bmb":
+                loss.update(size=32, get=16)
+        path = Path(tmp) / "recipe.toml"
+        path.write_text(dumps(raw))
+        res = probe_steps(path, out_dir=Path(tmp) / "runs", steps=3)
+    row: dict[str, float] = {}
+    for k, v in res.totals(depth=2).items():
+        top = k.split("/")[0]
+        col = ("losses" if top.startswith("loss:") else top if top in OP_COLUMNS else "other")
+        row[col] = row.get(col, 0) + v
+        if k.startswith("data/view:"):
+            row[k[5:]] = row.get(k[5:], 0) + v
+    row["total"] = sum(v for k, v in row.items() if k in OP_COLUMNS)
+    return {k: round(v, 1) for k, v in row.items()}
+
+
+def ops_table(rows: dict[str, dict[str, float]]) -> str:
+    views = sorted({k for r in rows.values() for k in r if k.startswith("view:")})
+    cols = [*OP_COLUMNS[:1], *views, *OP_COLUMNS[1:], "total"]
+    out = ["| workload | " + " | ".join(c.replace("view:", "of which ") for c in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+    for w, r in rows.items():
+        out.append(f"| {w} | " + " | ".join(f"{r.get(c, 0):g}" for c in cols) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=0, help="steady-state steps (0: 20 CPU, 300 GPU)")
@@ -330,7 +377,13 @@ def main() -> None:
                     help="rows from benchmarks/usb_speed.py (JSON) for the ltframe/USB ratios")
     ap.add_argument("--sync-check", action="store_true",
                     help="CUDA: count host synchronisations in the steady state")
+    ap.add_argument("--ops", action="store_true",
+                    help="only the kernel-launching ops per eager step by range (CPU count)")
     args = ap.parse_args()
+    if args.ops:
+        names = [w for w in args.only.split(",") if w not in ("plain_torch", "crest_pass")]
+        print(ops_table({w: op_counts(w) for w in names}))
+        return
     gpu = args.device.startswith("cuda")
     steps = args.steps or (300 if gpu else 20)
     warmup = args.warmup or (50 if gpu else 3)

@@ -89,7 +89,9 @@ _NO_KERNEL = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.lift_fre
               _aten.sym_size, _aten.sym_stride, _aten.sym_numel, _aten.sym_storage_offset,
               _aten.is_same_size, _aten._has_compatible_shallow_copy_type, _aten.size, _aten._unsafe_view,
               _aten._reshape_alias,
-              _aten.stride, _aten.numel, _aten.dim, _aten.is_contiguous}
+              _aten.stride, _aten.numel, _aten.dim, _aten.is_contiguous,
+              # profiler range markers (torch.profiler.record_function), not kernels
+              torch.ops.profiler._record_function_enter_new, torch.ops.profiler._record_function_exit}
 
 
 def _where(limit: int = 1) -> str:

@@ -48,12 +48,21 @@ class RunCfg:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; the CPU runs fp32
     log_every: int = param(50, ge=1)  # steps between logged (synced) loss values
-    checkpoint_every: int = param(0, ge=0)  # steps between checkpoints; 0 = at the end of every epoch
+    checkpoint_every: int = param(0, ge=0)  # steps between checkpoints (0: none between epoch ends)
+    # minutes between checkpoints, taken at the first log step or epoch end after they pass
+    # (0: at the end of every epoch); stage ends always checkpoint. Written on a background thread
+    checkpoint_minutes: float = param(10.0, ge=0, le=10**6)
     channels_last: bool = True  # on CUDA
     # experiment trackers fed by the event hooks, e.g. [{ name = "tensorboard" }] (`logger` kind)
     loggers: list[ComponentSpec] = _c("logger", factory=list)
-    # torch.compile of the training forward (model and losses stay eager); "off" = eager
+    # torch.compile mode of the training step; "off" = eager
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    # what run.compile compiles: the whole step (views, transform, forward, pseudo-labels and
+    # losses, with their backward) or the training forward only (model and losses stay eager)
+    compile_scope: Literal["step", "forward"] = "step"
+    # capture the compiled step in CUDA graphs (torch.compile mode "reduce-overhead"; shapes must
+    # be static, as ltframe's are within a stage); CUDA only: elsewhere the step runs compiled
+    cuda_graph: bool = False
     # cuDNN autotuning on CUDA (torch.backends.cudnn.benchmark): faster convolutions; the chosen
     # algorithms may differ between processes, so false for bit-exact GPU resumes
     cudnn_benchmark: bool = True

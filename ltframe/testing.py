@@ -13,7 +13,7 @@ from ltframe.recipe import merge
 from ltframe.tomlw import dumps
 
 TINY_RECIPE: dict[str, Any] = {
-    "run": {"name": "tiny", "seed": 0, "log_every": 2},
+    "run": {"name": "tiny", "seed": 0, "log_every": 2, "checkpoint_minutes": 0},
     "data": {
         "source": {"name": "synthetic", "num_classes": 4, "train_per_class": 24,
                    "test_per_class": 6, "image_size": 16},

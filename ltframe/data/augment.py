@@ -56,8 +56,8 @@ Differences from the former ``views.rand_augment`` (float ops in the drawn order
 
 from __future__ import annotations
 
+import functools
 import math
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,23 @@ class _Consts:
         self.flags = torch.tensor(flags, device=device)
 
 
-@cache
+def _memo(fn):
+    """Memoise a pure constant builder by its arguments (like functools.cache, which
+    torch.compile traces around with a warning; this plain dict it reads as it is)."""
+    store: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        got = store.get(args)
+        if got is None:
+            got = store[args] = fn(*args)
+        return got
+
+    wrapper.cache_clear = store.clear
+    return wrapper
+
+
+@_memo
 def _consts(device: torch.device) -> _Consts:
     return _Consts(device)
 
@@ -120,7 +136,7 @@ def prepare(device: torch.device | str) -> None:
     _consts(torch.empty(0, device=device).device)
 
 
-@cache
+@_memo
 def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
     """(shear_x, shear_y, translate_x, translate_y) magnitudes -> the 9 matrix entries they add."""
     t = torch.zeros(4, 9, device=device)
@@ -130,7 +146,7 @@ def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
     return t
 
 
-@cache
+@_memo
 def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """torchvision's _affine_grid base ([1, H*W, 3], centred pixel coordinates) and (W/2, H/2)."""
     base = torch.empty(1, h, w, 3, dtype=dtype, device=device)
@@ -142,7 +158,7 @@ def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tupl
     return base.view(1, h * w, 3), half
 
 
-@cache
+@_memo
 def _centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return (torch.arange(h, device=device)[None] + 0.5, torch.arange(w, device=device)[None] + 0.5)
 
@@ -354,8 +370,12 @@ def cutout(x: Tensor, gen: torch.Generator, max_frac: float, fill: float = 0.5) 
     """Per-sample square Cutout of side v * max_frac * H at a uniform centre (v ~ U(0,1); draws
     [B,3] from `gen` on x's device), clipped at the border, filled with `fill` (on [0, 1]; uint8
     images get round(255 * fill))."""
+    return apply_cutout(x, torch.rand(x.shape[0], 3, generator=gen, device=x.device), max_frac, fill)
+
+
+def apply_cutout(x: Tensor, r: Tensor, max_frac: float, fill: float = 0.5) -> Tensor:
+    """`cutout` with its [B,3] uniforms given (side, centre y, centre x)."""
     b, _, h, w = x.shape
-    r = torch.rand(b, 3, generator=gen, device=x.device)
     half = (r[:, 0] * max_frac * h / 2)[:, None]
     cy, cx = (r[:, 1] * h)[:, None], (r[:, 2] * w)[:, None]
     ys, xs = _centres(h, w, x.device)

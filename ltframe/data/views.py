@@ -61,6 +61,24 @@ def on_generator_device(call, view, x: Tensor, gen: torch.Generator) -> Tensor:
     return call(view, x.to(gen.device), gen).to(x.device)
 
 
+class Drawn:
+    """A view whose randomness is drawn apart from its work: `draw(b, gen, device)` makes every
+    draw from the generator (in the order `__call__` makes them) and returns tensors only;
+    `apply(x, draws)` is a pure function of them. The trainer draws eagerly and runs `apply`
+    inside the compiled step (`run.compile`), where generators cannot go."""
+
+    def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        if gen is not None and elsewhere(gen, x):
+            return on_generator_device(type(self).__call__, self, x, gen)
+        return self.apply(x, self.draw(x.shape[0], gen, x.device))
+
+
 class Normalize:
     """uint8 -> float, per-source mean/std normalisation (constants cached per device)."""
 
@@ -73,6 +91,7 @@ class Normalize:
         """Build the device's constants now (the trainer calls it at stage set-up, so the first
         step copies nothing); returns self."""
         self.constants(torch.empty(0, device=device).device)  # canonical: cuda -> cuda:<i>
+        _ARANGE.clear()  # the crops' index tables: rebuilt on the device at their first use
         return self
 
     def constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -95,11 +114,14 @@ class NoneParams:
     """No augmentation: normalise only."""
 
 
-class NoneView(Normalize):
+class NoneView(Drawn, Normalize):
     def __init__(self, params: NoneParams, mean, std) -> None:
         super().__init__(mean, std)
 
-    def __call__(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+    def draw(self, b: int, gen: torch.Generator | None, device: torch.device) -> tuple:
+        return ()
+
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
         return Normalize.__call__(self, self.to_unit(x))
 
 
@@ -110,35 +132,67 @@ class WeakParams:
     padding_mode: Literal["reflect", "zeros"] = "reflect"
 
 
-def flip_pad_crop(x: Tensor, gen: torch.Generator, flip: bool, pad: int, mode: str) -> Tensor:
-    """Per-sample horizontal flip and random crop after padding, fully batched (any dtype;
-    draws from `gen` on x's device: B flip uniforms, then [B, 2] crop offset uniforms)."""
+def draw_flip_crop(gen: torch.Generator, b: int, flip: bool, pad: int,
+                   device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """`flip_pad_crop`'s draws: B flip uniforms, then [B, 2] crop offset uniforms (one draw of
+    3B when both: on a CPU generator the same numbers as two)."""
+    if flip and pad > 0:
+        u = _rand(gen, 3 * b, device=device)
+        return u[:b], u[b:].view(b, 2)
+    f = _rand(gen, b, device=device) if flip else None
+    off = _rand(gen, b, 2, device=device) if pad > 0 else None
+    return f, off
+
+
+def apply_flip_pad_crop(x: Tensor, f: Tensor | None, off: Tensor | None, pad: int,
+                        mode: str) -> Tensor:
+    """`flip_pad_crop` with its draws given (from `draw_flip_crop`)."""
     b, _, h, w = x.shape
-    dev = x.device
-    if flip:
-        do_flip = _rand(gen, b, device=dev) < 0.5
-        x = torch.where(do_flip[:, None, None, None], x.flip(3), x)
-    if pad > 0:
+    if f is not None:
+        x = torch.where((f < 0.5)[:, None, None, None], x.flip(3), x)
+    if off is not None and pad > 0:
         x = F.pad(x, (pad, pad, pad, pad), mode="reflect" if mode == "reflect" else "constant")
-        off = (_rand(gen, b, 2, device=dev) * (2 * pad + 1)).long()
-        rows = off[:, 0, None] + torch.arange(h, device=dev)  # [B,H]
-        cols = off[:, 1, None] + torch.arange(w, device=dev)  # [B,W]
-        bi = torch.arange(b, device=dev)[:, None, None]
+        o = (off * (2 * pad + 1)).long()
+        rows = o[:, 0, None] + _arange(h, x.device)  # [B,H]
+        cols = o[:, 1, None] + _arange(w, x.device)  # [B,W]
+        bi = _arange(b, x.device)[:, None, None]
         x = x.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     return x
 
 
-class WeakView(Normalize):
+def flip_pad_crop(x: Tensor, gen: torch.Generator, flip: bool, pad: int, mode: str) -> Tensor:
+    """Per-sample horizontal flip and random crop after padding, fully batched (any dtype;
+    draws from `gen` on x's device: B flip uniforms, then [B, 2] crop offset uniforms)."""
+    f, off = draw_flip_crop(gen, x.shape[0], flip, pad, x.device)
+    return apply_flip_pad_crop(x, f, off, pad, mode)
+
+
+_ARANGE: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """arange(n) on `device`, built once (index tables of the crops)."""
+    key = (n, device)
+    got = _ARANGE.get(key)
+    if got is None:
+        if len(_ARANGE) > 256:
+            _ARANGE.clear()
+        got = _ARANGE[key] = torch.arange(n, device=device)
+    return got
+
+
+class WeakView(Drawn, Normalize):
     """Random horizontal flip + pad-and-crop (pad 4, reflect)."""
 
     def __init__(self, params: WeakParams, mean, std) -> None:
         super().__init__(mean, std)
         self.p = params
 
-    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        if elsewhere(gen, x):
-            return on_generator_device(WeakView.__call__, self, x, gen)
-        x = flip_pad_crop(x, gen, self.p.flip, self.p.pad, self.p.padding_mode)  # on uint8
+    def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
+        return draw_flip_crop(gen, b, self.p.flip, self.p.pad, device)
+
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
+        x = apply_flip_pad_crop(x, *draws, self.p.pad, self.p.padding_mode)  # on uint8
         return Normalize.__call__(self, self.to_unit(x))
 
 
@@ -163,19 +217,19 @@ class ResizedCropParams:
     flip: bool = True
 
 
-class ResizedCropView(Normalize):
+class ResizedCropView(Drawn, Normalize):
     """Random resized crop + horizontal flip: the usual ImageNet training augmentation."""
 
     def __init__(self, params: ResizedCropParams, mean, std) -> None:
         super().__init__(mean, std)
         self.p = params
 
-    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        if elsewhere(gen, x):
-            return on_generator_device(ResizedCropView.__call__, self, x, gen)
-        x = self.to_unit(x)
-        x = resized_crop(x, _rand(gen, x.shape[0], 4, device=x.device), self.p.min_scale)
-        return Normalize.__call__(self, flip_pad_crop(x, gen, self.p.flip, 0, "reflect"))
+    def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
+        return (_rand(gen, b, 4, device=device), *draw_flip_crop(gen, b, self.p.flip, 0, device))
+
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
+        x = resized_crop(self.to_unit(x), draws[0], self.p.min_scale)
+        return Normalize.__call__(self, apply_flip_pad_crop(x, *draws[1:], 0, "reflect"))
 
 
 @dataclass
@@ -197,7 +251,7 @@ def gray_expand(x: Tensor) -> Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
 
 
-class StrongView(Normalize):
+class StrongView(Drawn, Normalize):
     """Flip + crop, RandAugment (random ops and magnitudes) and Cutout, per sample."""
 
     def __init__(self, params: StrongParams, mean, std) -> None:
@@ -210,11 +264,17 @@ class StrongView(Normalize):
         super().to(device)
         return self
 
-    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        if elsewhere(gen, x):
-            return on_generator_device(StrongView.__call__, self, x, gen)
-        x = flip_pad_crop(x, gen, self.p.flip, self.p.pad, "reflect")  # on uint8
-        x = self.to_unit(augment.rand_augment(x, gen, self.p.n_ops, self.p.max_ops))
-        if self.p.cutout > 0:
-            x = augment.cutout(x, gen, self.p.cutout)
+    def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
+        p = self.p
+        fc = draw_flip_crop(gen, b, p.flip, p.pad, device)
+        ops = augment.draw_ops(gen, b, p.n_ops, p.max_ops, device)
+        cut = _rand(gen, b, 3, device=device) if p.cutout > 0 else None
+        return (*fc, *ops, cut)
+
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
+        f, off, code, m, cut = draws
+        x = apply_flip_pad_crop(x, f, off, self.p.pad, "reflect")  # on uint8
+        x = self.to_unit(augment.apply_ops(x, code, m))
+        if cut is not None:
+            x = augment.apply_cutout(x, cut, self.p.cutout)
         return Normalize.__call__(self, x)

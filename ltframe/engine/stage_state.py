@@ -21,19 +21,24 @@ class Accumulators:
     def __init__(self, device: torch.device, loss_names: list[str], num_classes: int) -> None:
         self.zero = torch.zeros((), device=device)
         self.sums = {name: self.zero.clone() for name in [*loss_names, "total"]}
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.confusion = torch.zeros(num_classes * num_classes, device=device)
         self.pseudo = torch.zeros(2, device=device)  # online pseudo-labels kept, seen (interval)
+        self.seen = 0  # pseudo-labelled samples of the interval (a host count: no device op)
         self.num_classes = num_classes
         self.n = 0
         self.imgs = 0
         self.t_log = time.perf_counter()
         self.last_good = 0  # the step of the last checkpoint written in this stage
 
+    @property
+    def bad(self) -> Tensor:
+        """A non-finite loss in the interval: the summed total is then non-finite too (one
+        check per log interval instead of one per step)."""
+        return ~torch.isfinite(self.sums["total"])
+
     def add(self, losses: dict[str, Tensor], images: int) -> None:
-        for k, v in losses.items():
-            self.sums[k] += v.detach()
-        self.bad |= ~torch.isfinite(losses["total"].detach())
+        """Add a step's loss terms to the interval's sums (one multi-tensor kernel)."""
+        torch._foreach_add_([self.sums[k] for k in losses], [v.detach() for v in losses.values()])
         self.n += 1
         self.imgs += images
 
@@ -41,17 +46,18 @@ class Accumulators:
         """Diagnostics only: pseudo-labels of the selected samples against hidden labels
         (index_add_, not bincount, which syncs with the host on CUDA)."""
         pl = pseudo.targets.argmax(1) if pseudo.targets.dim() == 2 else pseudo.targets
-        self.pseudo[0] += (pseudo.mask > 0).sum()  # the mask ratio needs no labels
-        self.pseudo[1] += pseudo.mask.numel()
-        known = true >= 0  # images without a known label are left out
-        self.confusion.index_add_(0, true.clamp_min(0) * self.num_classes + pl,
-                                  ((pseudo.mask > 0) & known).float())
+        kept = pseudo.mask > 0
+        self.pseudo[0] += kept.sum()  # the mask ratio needs no labels
+        self.seen += pseudo.mask.numel()
+        # images without a known label (-1) are left out
+        self.confusion.index_add_(0, torch.add(pl, true.clamp_min(0), alpha=self.num_classes),
+                                  (kept & (true >= 0)).float())
 
     def state_tensors(self) -> dict[str, Tensor]:
         """What a mid-interval checkpoint needs so that a resumed run logs the same means."""
         out = {f"acc.sum.{k}": v for k, v in self.sums.items()}
         out["acc.confusion"] = self.confusion
-        out["acc.pseudo"] = self.pseudo
+        out["acc.pseudo"] = torch.stack([self.pseudo[0], self.pseudo[1] + self.seen])
         out["acc.n"] = torch.tensor([self.n])
         return out
 
@@ -64,12 +70,14 @@ class Accumulators:
         self.confusion.copy_(tensors["acc.confusion"])
         if "acc.pseudo" in tensors:
             self.pseudo.copy_(tensors["acc.pseudo"])
+            self.seen = 0  # counted in pseudo[1]
         self.n = int(tensors["acc.n"][0])  # images/s restarts with the resumed steps
 
     def reset_interval(self) -> None:
         for k in self.sums:
             self.sums[k] = self.zero.clone()
         self.pseudo.zero_()
+        self.seen = 0
         self.n, self.imgs, self.t_log = 0, 0, time.perf_counter()
 
 
@@ -97,6 +105,7 @@ class Stage:
     weighted: bool = False  # some supervised sample has a weight other than 1
     online: dict | None = None  # last epoch's online pseudo-label diagnostics
     train_forward: Any = None  # the training forward when not the plain model (DDP, compiled)
+    core: Any = None  # the compiled step core (run.compile with compile_scope = "step")
 
     def eval_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.ema.module if self.ema is not None else model

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from ltframe.config import refs
 from ltframe.data.samplers import BatchStream
+from ltframe.data.views import Drawn, elsewhere
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
+from ltframe.engine.ckpt_writer import CheckpointWriter
 from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
@@ -66,7 +68,8 @@ class Trainer:
         self.record = EvalRecord(self.recipe.eval.report, self.recipe.eval.last_k)
         self.components: dict[str, Any] = {}
         self.ckpt_dir = run.run_dir / "checkpoints"
-        self.last_checkpoint: Path | None = None
+        self.writer = CheckpointWriter()  # checkpoints written on a background thread
+        self._ckpt_clock = time.monotonic()  # when the last checkpoint was taken (run.checkpoint_minutes)
         self.images_per_s: float | None = None
         # true labels of the training pool: pseudo-label diagnostics only, never a training target
         self.hidden = run.data.hidden_labels.to(self.device)  # -1: unknown
@@ -79,6 +82,11 @@ class Trainer:
         self.prior_counts: Tensor | None = None
         self.last_predictions: Tensor | None = None  # test-set predictions of the last evaluation
         self.pending: Any = None  # resume: changes files once the first stage is set up
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint this process wrote (waits for a write in flight)."""
+        return self.writer.last
 
     def commit(self) -> None:
         """Run the pending resume commit (once)."""
@@ -234,14 +242,18 @@ class Trainer:
                               "pool labelling kept none); lower its threshold or add \"labeled\"")
         return index
 
-    def _gather_inputs(self, st: Stage) -> tuple[Tensor, dict[str, int], dict[str, str], dict]:
-        """Next batch of every stream through every view: (inputs, part sizes, aliases,
-        {targets, weights, soft_targets, indices})."""
-        inputs, sizes, aliases = [], {}, {}
+    def _gather_inputs(self, st: Stage, defer: bool = False) -> tuple[list, dict[str, str], dict]:
+        """Next batch of every stream through every view: (entries (part, view, images, draws),
+        aliases, {targets, weights, soft_targets, indices}). Views are applied here (entries'
+        view None), or with `defer` a view that draws apart (`Drawn`) only draws here and
+        `_view_inputs` applies it inside the (compiled) step."""
+        entries: list[tuple[str, Any, Tensor, Any]] = []
+        aliases: dict[str, str] = {}
         labels, weight, soft_pos, soft = self.table.on(self.device)
         out: dict[str, Any] = {"targets": None, "weights": None, "soft_targets": None,
                                "indices": {}}
         store = self.data.train
+        taken: set[str] = set()
         for split, stream in st.streams.items():
             idx = stream.next()
             # the indices go to the device once (pinned on CUDA: an asynchronous copy), for
@@ -262,16 +274,24 @@ class Trainer:
                     out["soft_targets"] = torch.where((pos >= 0)[:, None], rows, hot)
             for j, (vname, view) in enumerate(st.views[split]):
                 part = f"{split}:{vname}"
-                part = part if part not in sizes else f"{part}#{j}"
-                xv = view(x, self.aug_gen)
-                inputs.append(xv)
-                sizes[part] = xv.shape[0]
+                part = part if part not in taken else f"{part}#{j}"
+                taken.add(part)
+                if defer and isinstance(view, Drawn) and not elsewhere(self.aug_gen, x):
+                    entries.append((part, view, x, view.draw(x.shape[0], self.aug_gen, x.device)))
+                else:
+                    entries.append((part, None, view(x, self.aug_gen), None))
                 if j == 0:
                     aliases[split] = part
+        return entries, aliases, out
+
+    def _view_inputs(self, entries: list) -> tuple[Tensor, dict[str, int]]:
+        """Apply the deferred views; all parts concatenated (channels-last on CUDA) + sizes."""
+        inputs = [x if view is None else view.apply(x, draws) for _, view, x, draws in entries]
+        sizes = {e[0]: xi.shape[0] for e, xi in zip(entries, inputs, strict=True)}
         x_all = torch.cat(inputs)
         if self.channels_last:
             x_all = x_all.contiguous(memory_format=torch.channels_last)
-        return x_all, sizes, aliases, out
+        return x_all, sizes
 
     # --- the stage loop -------------------------------------------------------------------
     def run_stage(self, plan: StagePlan, resume: tuple[dict, dict] | None = None) -> dict:
@@ -284,6 +304,7 @@ class Trainer:
         extra = {} if self.find_unused is None else {"ddp_find_unused_parameters": self.find_unused}
         self.log("stage_start", stage=plan.name, index=plan.index, total_steps=st.total,
                  steps_per_epoch=st.spe, resumed_at=st.start, **extra)
+        self._ckpt_clock = time.monotonic()
         for step in range(st.start, st.total):
             self.position = (plan.name, step, st.total)
             if not dist.agent_alive():
@@ -363,6 +384,13 @@ class Trainer:
             soft=self.table.has_soft(index), weighted=not self.table.unit_weights(index),
             train_forward=self._train_forward(plan) if params and total > 0 else None,
         )
+        mode = compile_mode(rc.run, self.cuda)
+        if rc.run.cuda_graph and not self.cuda and plan.index == 0:
+            self.reporter.message("run.cuda_graph: CUDA graphs need a CUDA device; the step runs "
+                                  "compiled without them")
+        if mode is not None and rc.run.compile_scope == "step" and params and total > 0:
+            # one compiled function per stage (its components and parts are the stage's)
+            st.core = torch.compile(self._core, mode=None if mode == "default" else mode)
         if resume is not None:
             self._restore_stage(st, *resume)
         return st
@@ -383,8 +411,8 @@ class Trainer:
             self.find_unused = needs_find_unused(self.model, plan.cfg.loss)
             fwd = DistributedDataParallel(self.model, device_ids=ids,
                                           find_unused_parameters=self.find_unused)
-        mode = self.recipe.run.compile
-        if mode != "off":
+        mode = compile_mode(self.recipe.run, self.cuda)
+        if mode is not None and self.recipe.run.compile_scope == "forward":
             fwd = torch.compile(self.model if fwd is None else fwd,
                                 mode=None if mode == "default" else mode)
         return fwd
@@ -417,13 +445,33 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------
     def _step(self, st: Stage, step: int, epoch: int) -> StepContext:
-        """lr, inputs, input transform, one forward over all parts, pseudo-labels, loss terms,
-        update, EMA."""
+        """lr, inputs (`_gather_inputs`), then `_core` (eager or compiled): views, input
+        transform, one forward over all parts, pseudo-labels, loss terms; then the update and
+        EMA."""
         factor = st.schedule(step)
         for g, lr0 in zip(st.optimizer.param_groups, st.base_lrs, strict=True):
             g["lr"] = lr0 * factor
-        with _span("ltframe.data"):  # indices, images, targets, augmentation
-            x_all, sizes, aliases, got = self._gather_inputs(st)
+        with _span("ltframe.data"):  # indices, images, targets, augmentation (or its draws)
+            entries, aliases, got = self._gather_inputs(st, defer=st.core is not None)
+        ctx = (st.core or self._core)(st, step, epoch, entries, aliases, got)
+        loss = ctx.losses["total"]
+        with _span("ltframe.backward"):
+            st.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with _span("ltframe.optimizer"):
+            st.optimizer.step()
+        if st.ema is not None:
+            with _span("ltframe.ema"):
+                st.ema.update()
+        st.acc.add(ctx.losses, sum(e[2].shape[0] for e in entries))
+        return ctx
+
+    def _core(self, st: Stage, step: int, epoch: int, entries: list, aliases: dict[str, str],
+              got: dict) -> StepContext:
+        """The device part of a step, free of generators and host reads: deferred views, the
+        input transform, the training forward, pseudo-labels and the loss terms (their sum in
+        ctx.losses['total']). `run.compile` compiles it whole (`_compile_core`)."""
+        x_all, sizes = self._view_inputs(entries)
         x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
         for alias, part in aliases.items():
             x_parts[alias] = x_parts[part]
@@ -452,24 +500,16 @@ class Trainer:
                 ctx.pseudo = st.labeler(ctx)
                 if "unlabeled" in ctx.indices_by_part:
                     st.acc.count_pseudo(ctx.pseudo, self.hidden[ctx.indices_by_part["unlabeled"]])
-            loss = st.acc.zero
+            loss = None
             for name, weight, start, term in st.losses:
                 if ctx.step < start:  # the term's warm-up: not computed, logged as 0
                     ctx.losses[name] = st.acc.zero
                     continue
                 value = term(ctx)
                 ctx.losses[name] = value
-                loss = loss + weight * value
-            ctx.losses["total"] = loss
-        with _span("ltframe.backward"):
-            st.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with _span("ltframe.optimizer"):
-            st.optimizer.step()
-        if st.ema is not None:
-            with _span("ltframe.ema"):
-                st.ema.update()
-        st.acc.add(ctx.losses, x_all.shape[0])
+                part = value if weight == 1 else weight * value
+                loss = part if loss is None else loss + part
+            ctx.losses["total"] = st.acc.zero if loss is None else loss
         return ctx
 
     def _teacher_fn(self, st: Stage, x_parts: dict[str, Tensor]) -> Any:
@@ -509,11 +549,28 @@ class Trainer:
             self._log_train(st, done, epoch)
         if end_epoch:
             self._end_epoch(st, done, epoch)
-        elif self.recipe.run.checkpoint_every and done % self.recipe.run.checkpoint_every == 0:
+        elif ((every := self.recipe.run.checkpoint_every) and done % every == 0) or (
+                done % self.recipe.run.log_every == 0 and self._checkpoint_due(timed_only=True)):
             self._check_finite(st.acc.bad, st.acc.sums, st.plan, st.acc.last_good, done)
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
-                       acc=st.acc)
-            st.acc.last_good = done
+            self._checkpoint(st, done)
+
+    def _checkpoint(self, st: Stage, done: int) -> None:
+        """A mid-stage checkpoint (written on the background thread)."""
+        self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
+                   acc=st.acc)
+        st.acc.last_good = done
+
+    def _checkpoint_due(self, timed_only: bool = False) -> bool:
+        """`run.checkpoint_minutes` have passed since the last checkpoint (0: every epoch end;
+        `timed_only`: only a positive interval counts). Asked at log and epoch boundaries only;
+        under torchrun rank 0's clock decides for every rank."""
+        minutes = self.recipe.run.checkpoint_minutes
+        if minutes == 0:
+            return not timed_only
+        due = time.monotonic() - self._ckpt_clock >= minutes * 60
+        if self.dist.world_size > 1:
+            due = bool(dist.broadcast_object(due))
+        return due
 
     def _log_train(self, st: Stage, done: int, epoch: int) -> None:
         """Sync the accumulated loss terms (the only per-interval host sync), check them."""
@@ -530,7 +587,8 @@ class Trainer:
         lr = st.optimizer.param_groups[0]["lr"]
         extra = {}
         if st.labeler is not None:  # online pseudo-labels: fraction of unlabeled samples kept
-            kept, seen = (dist.all_sum(acc.pseudo) if self.dist.world_size > 1 else acc.pseudo).tolist()
+            counts = torch.stack([acc.pseudo[0], acc.pseudo[1] + acc.seen])
+            kept, seen = (dist.all_sum(counts) if self.dist.world_size > 1 else counts).tolist()
             if seen:
                 extra["mask_ratio"] = round(kept / seen, 5)
         self.log("train", stage=st.plan.name, step=done, epoch=epoch, loss=means, lr=lr,
@@ -557,10 +615,9 @@ class Trainer:
             metrics.update(plm)
             st.online = plm
             st.acc.confusion.zero_()
-        if not last:
-            self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
-                       acc=st.acc)
-            st.acc.last_good = done
+        every = self.recipe.run.checkpoint_every
+        if not last and (self._checkpoint_due() or (every and done % every == 0)):
+            self._checkpoint(st, done)
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
 
@@ -591,7 +648,7 @@ class Trainer:
         self.log("stage_end", **result)
         # the stage is done: the next checkpoint starts the next stage at step 0
         self._save(plan, 0, total, None, {}, None, stem=f"stage{plan.index}-{plan.name}",
-                   next_stage=True)
+                   next_stage=True, wait=True)
         self.run.pm.hook.ltframe_stage_end(run=self.run, stage=plan, result=result)
         self.reporter.stage_end(plan.name)
         self._unregister_components()
@@ -649,7 +706,9 @@ class Trainer:
     def _save(self, plan: StagePlan, step: int, total: int, optimizer: Any,
               streams: dict[str, BatchStream], ema: EMA | None, stem: str | None = None,
               next_stage: bool = False, teacher: torch.nn.Module | None = None,
-              acc: Accumulators | None = None) -> None:
+              acc: Accumulators | None = None, wait: bool = False) -> None:
+        """Checkpoint everything a resume needs; the files are written on the background
+        thread (`wait`: complete on return, as at stage ends)."""
         tensors: dict[str, Tensor] = {}
         for k, v in self.model.state_dict().items():
             tensors[f"model.{k}"] = v
@@ -697,7 +756,8 @@ class Trainer:
         }
         stem = stem or f"step-s{plan.index}-{step:08d}"
         if self.dist.main:  # only rank 0 writes
-            self.last_checkpoint = ckpt.save(self.ckpt_dir, stem, tensors, meta)
+            self.writer.submit(self.ckpt_dir, stem, tensors, meta, wait=wait)
+        self._ckpt_clock = time.monotonic()
 
     def _metrics_size(self) -> int:
         f = self.run.run_dir / "metrics.jsonl"
@@ -766,6 +826,16 @@ def load_optimizer(optimizer: torch.optim.Optimizer, state: dict, name: str) -> 
 
 #: named step ranges for torch.profiler (benchmarks/speed.py --profile sets it)
 PROFILE_SPANS = False
+
+
+def compile_mode(run_cfg: Any, cuda: bool) -> str | None:
+    """torch.compile mode of the training step (None: eager): `run.compile`, or
+    "reduce-overhead" (CUDA graphs) with `run.cuda_graph` on CUDA."""
+    if run_cfg.cuda_graph and cuda:
+        return "reduce-overhead"
+    if run_cfg.compile == "off":
+        return "default" if run_cfg.cuda_graph else None
+    return run_cfg.compile
 
 
 def needs_find_unused(model: torch.nn.Module, losses: list) -> bool:
