@@ -12,6 +12,7 @@ import torch
 
 from ltframe.config import ComponentSpec, check_plain_name, refs
 from ltframe.engine.labelling import check_offline, pool_index
+from ltframe.engine.param_groups import param_groups
 from ltframe.engine.stages import StagePlan
 from ltframe.errors import LtframeError, RecipeError, closest
 
@@ -319,7 +320,8 @@ class _Stage:
             pool_index(d, cfg.label_pool, plan, run.smoke)
         self._views()
         if params and (self.total is None or self.total > 0):
-            optimizer = self._make("optim", plan.optim.optimizer, params=params)
+            groups = param_groups(params, self.model, plan.optim.no_decay)
+            optimizer = self._make("optim", plan.optim.optimizer, params=groups)
             total = self.total or max(cfg.steps, cfg.epochs * self.spe, 1)
             schedule = self._make("optim.schedule", plan.optim.schedule,
                                   steps_per_epoch=self.spe, total_steps=total)

@@ -28,6 +28,7 @@ from ltframe.engine.context import StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
 from ltframe.engine.labelling import check_offline, label_pool, pool_index
+from ltframe.engine.param_groups import param_groups
 from ltframe.engine.preflight import check_plan_data
 from ltframe.engine.report import Reporter
 from ltframe.engine.setup import set_cudnn_benchmark
@@ -319,7 +320,8 @@ class Trainer:
         if not params and total > 0:
             raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
                               "name parts such as 'backbone' or 'heads.main'")
-        optimizer = reg.build(plan.optim.optimizer, params=params) if params else None
+        groups = param_groups(params, self.model, plan.optim.no_decay)
+        optimizer = reg.build(plan.optim.optimizer, params=groups) if params else None
         # class counts of what the stage trains on (labeled, plus pseudo-labelled samples)
         counts = (self.table.class_counts(index) if index.numel() else d.labeled_counts)
         counts = counts.to(self.device)
