@@ -15,6 +15,7 @@ TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data
 #: name -> (recipe, overrides, steps)
 RECIPES = {
     "debiaspl": ("recipes/cpu/debiaspl.toml", [], 3),
+    "adsh": ("recipes/cpu/adsh.toml", ["stage.0.pseudo_labeler.start_epoch=0"], 5),
 }
 
 

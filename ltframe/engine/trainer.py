@@ -24,10 +24,10 @@ from ltframe.config import refs
 from ltframe.data.samplers import BatchStream
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
-from ltframe.engine.context import StepContext, split_outputs
+from ltframe.engine.context import PoolPredictions, StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
-from ltframe.engine.labelling import check_offline, label_pool, pool_index
+from ltframe.engine.labelling import SMOKE_POOL, check_offline, label_pool, pool_index
 from ltframe.engine.param_groups import param_groups
 from ltframe.engine.preflight import check_plan_data
 from ltframe.engine.report import Reporter
@@ -560,11 +560,46 @@ class Trainer:
             st.online = plm
             st.acc.confusion.zero_()
         if not last:
+            self._epoch_pool(st, epoch)
             self._save(st.plan, done, st.total, st.optimizer, st.streams, st.ema, teacher=st.teacher,
                        acc=st.acc)
             st.acc.last_good = done
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
+
+    def _epoch_pool(self, st: Stage, epoch: int) -> None:
+        """Whole-pool predictions for components that update from them between epochs.
+
+        A stage component (pseudo-labeler, loss term, transform) that defines
+        `epoch_pool(pool: PoolPredictions, epoch: int)` gets, at the end of every epoch but the
+        last (before the checkpoint, so its state is saved with the epoch), the softmax of the
+        unlabeled split, un-augmented, float32, from `pool_model`: "model" (the training model
+        in eval mode; default) or "ema" (the evaluation model); `pool_model = None` opts out
+        (e.g. a mode that needs no pass); `pool_head` names the head (default: the eval
+        head). One pass per model kind and head;
+        sharded under torchrun, every rank gets every row. E.g. Adsh's per-class thresholds
+        and USB's SAW weights."""
+        comps = [c for c in (st.labeler, st.transform, *(t for *_, t in st.losses))
+                 if callable(getattr(c, "epoch_pool", None))
+                 and getattr(c, "pool_model", "model") is not None]
+        d, plan = self.data, st.plan
+        index = d.splits.unlabeled[:SMOKE_POOL] if self.run.smoke else d.splits.unlabeled
+        if not comps or index.numel() == 0:
+            return
+        pools: dict[tuple[str, str], PoolPredictions] = {}
+        for comp in comps:
+            kind = getattr(comp, "pool_model", "model")
+            head = getattr(comp, "pool_head", "") or plan.cfg.eval_head or self.recipe.model.eval_head
+            if (kind, head) not in pools:
+                model = st.eval_model(self.model) if kind == "ema" else self.model
+                logits = dist.sharded(lambda i, m=model, h=head: predict(
+                    m, d.train, i, d.source.mean, d.source.std, self.recipe.eval.batch_size, h,
+                    False, self.channels_last), index)
+                pools[kind, head] = PoolPredictions(
+                    index=index, probs=logits.softmax(1), num_classes=d.num_classes,
+                    class_counts=d.labeled_counts.cpu(), stage_index=plan.index,
+                    stage_name=plan.name, logits=logits)
+            comp.epoch_pool(pools[kind, head], epoch)
 
     # --- end of a stage -------------------------------------------------------------------
     def _end_stage(self, st: Stage) -> dict:
