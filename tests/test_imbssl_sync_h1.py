@@ -16,6 +16,8 @@ TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data
 RECIPES = {
     "debiaspl": ("recipes/cpu/debiaspl.toml", [], 3),
     "adsh": ("recipes/cpu/adsh.toml", ["stage.0.pseudo_labeler.start_epoch=0"], 5),
+    "saw": ("recipes/cpu/saw.toml", [], 5),
+    "saw_usb": ("recipes/cpu/saw.toml", ["stage.0.loss.1.counts=pool", "stage.0.loss.1.beta=0"], 5),
 }
 
 
