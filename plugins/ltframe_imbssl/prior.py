@@ -37,7 +37,7 @@ def normalized(counts: Tensor) -> Tensor:
 def kl(p: Tensor, q: Tensor) -> Tensor:
     """KL(p || q) = sum_c p_c (log p_c - log q_c), with 0 log 0 = 0 (torch's KLDivLoss(
     input=log q, target=p, reduction="sum"))."""
-    return (torch.xlogy(p, p) - p * q.log()).sum(-1)
+    return (torch.xlogy(p, p) - p * q.clamp_min(1e-30).log()).sum(-1)
 
 
 def sym_kl(p: Tensor, q: Tensor) -> Tensor:
