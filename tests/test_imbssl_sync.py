@@ -16,6 +16,7 @@ TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data
 RECIPES = {
     "abc": ("recipes/cpu/abc.toml", ["stage.0.steps_per_epoch=2"], 3),
     "acr": ("recipes/cpu/acr.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.est_epoch=0"], 5),
+    "simpro": ("recipes/cpu/simpro.toml", ["stage.0.steps_per_epoch=2"], 5),
 }
 
 
