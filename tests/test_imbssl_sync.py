@@ -17,6 +17,10 @@ RECIPES = {
     "abc": ("recipes/cpu/abc.toml", ["stage.0.steps_per_epoch=2"], 3),
     "acr": ("recipes/cpu/acr.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.est_epoch=0"], 5),
     "simpro": ("recipes/cpu/simpro.toml", ["stage.0.steps_per_epoch=2"], 5),
+    "daso": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
+                                       "stage.0.pseudo_labeler.period=2"], 4),
+    "daso_usb": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
+                                           "stage.0.pseudo_labeler.blend=usb"], 3),
 }
 
 
