@@ -17,6 +17,8 @@ RECIPES = {
     "debiaspl": ("recipes/cpu/debiaspl.toml", [], 3),
     "adsh": ("recipes/cpu/adsh.toml", ["stage.0.pseudo_labeler.start_epoch=0"], 5),
     "saw": ("recipes/cpu/saw.toml", [], 5),
+    "darp": ("recipes/cpu/darp.toml", ["stage.0.pseudo_labeler.warmup=0",
+                                       "stage.0.pseudo_labeler.every=1"], 4),
     "saw_usb": ("recipes/cpu/saw.toml", ["stage.0.loss.1.counts=pool", "stage.0.loss.1.beta=0"], 5),
 }
 

@@ -113,6 +113,17 @@ def probe_forward(run: Any) -> None:
         model.train(was)
 
 
+def unlabeled_pool(data: Any, cfg: Any) -> torch.Tensor:
+    """Dataset indices the stage's unlabeled stream draws from (empty when it has none): the
+    unlabeled split, or labeled + unlabeled with `unlabeled_pool = "all"`. Components get it as
+    the `unlabeled_index` context keyword (e.g. a per-sample table over the pool only)."""
+    if "unlabeled" not in cfg.data.split("+"):
+        return torch.zeros(0, dtype=torch.long)
+    splits = data.splits
+    return (splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
+            else torch.cat([splits.labeled, splits.unlabeled]))
+
+
 def stage_parts(cfg: Any) -> dict[str, list[str]]:
     """Each stream's input parts as the trainer names them (`split:view`, `#j` for a repeated
     view, the bare split for the first view)."""
@@ -305,7 +316,8 @@ class _Stage:
                        labels=torch.full((n,), -1, dtype=torch.long), num_classes=d.num_classes,
                        seed=seed + 500, rank=0, world_size=1)
         ctx_kw = dict(num_classes=d.num_classes, class_counts=d.labeled_counts,
-                      num_samples=len(d.train), seed=seed, labeled_counts=d.labeled_counts)
+                      num_samples=len(d.train), seed=seed, labeled_counts=d.labeled_counts,
+                      unlabeled_index=unlabeled_pool(d, cfg))
         built = []
         for i, spec in enumerate(cfg.loss):
             self._refs(f"loss[{i}]", spec)

@@ -29,7 +29,7 @@ from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
 from ltframe.engine.labelling import SMOKE_POOL, check_offline, label_pool, pool_index
 from ltframe.engine.param_groups import param_groups
-from ltframe.engine.preflight import check_plan_data
+from ltframe.engine.preflight import check_plan_data, unlabeled_pool
 from ltframe.engine.report import Reporter
 from ltframe.engine.setup import set_cudnn_benchmark
 from ltframe.engine.stage_state import Accumulators, Stage
@@ -210,8 +210,7 @@ class Trainer:
                                 world_size=world)
             streams["labeled"] = BatchStream(sampler, index, batch, **aligned)
         if "unlabeled" in parts:
-            pool = (d.splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
-                    else torch.cat([d.splits.labeled, d.splits.unlabeled]))
+            pool = unlabeled_pool(d, cfg)
             unknown = torch.full((pool.numel(),), -1, dtype=torch.long)  # no labels reach it
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
                                   seed=seed + 500, rank=rank, world_size=world)
@@ -328,7 +327,8 @@ class Trainer:
         self.prior_counts = counts.cpu()
         ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
                       seed=rc.run.seed * 1000 + plan.index,
-                      labeled_counts=d.labeled_counts.to(self.device), device=self.device)
+                      labeled_counts=d.labeled_counts.to(self.device), device=self.device,
+                      unlabeled_index=unlabeled_pool(d, plan.cfg).to(self.device))
         losses: list[tuple[str, float, int, Any]] = []
         for i, spec in enumerate(cfg.loss):
             taken = [n for n, *_ in losses]
