@@ -19,7 +19,8 @@ second linear head `head` (g) on the same features:
 
 Predict with the auxiliary head of the EMA model (`model.eval_head = "aux"`, `stage.ema`).
 No state beyond the model: the Bernoulli masks come from a generator on the run's device
-seeded with (seed, stage seed, step, rank), so a resumed run draws the same masks.
+seeded with (seed, stage seed, step) and drawn for the global batch (each rank keeps its
+rows), so a resumed run, and a run on W processes, draws the same masks as one process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from ltframe.config import param
 from ltframe.engine.context import StepContext
+from ltframe.engine.dist import gather_batch, world_size
 from ltframe.engine.dist import info as dist_info
 from ltframe.errors import LtframeError
 from ltframe.registry import Registry
@@ -81,16 +83,22 @@ class AbcLoss:
     def _gen(self, step: int) -> torch.Generator:
         if self._generator is None:
             self._generator = torch.Generator(device=self.device)
-        rank = dist_info().rank
-        return self._generator.manual_seed((self.seed * 7_919 + step) * 65_537 + rank)
+        return self._generator.manual_seed(self.seed * 7_919 + step)
 
     def masks(self, targets: Tensor, pseudo: Tensor, epoch: int, step: int
               ) -> tuple[Tensor, Tensor]:
-        """The labeled and unlabeled Bernoulli masks of one step (float 0/1)."""
+        """The labeled and unlabeled Bernoulli masks of one step (float 0/1), drawn for the
+        global batch with the same generator on every rank; this rank keeps its rows (global
+        positions r, r + W, ...), so W processes draw what one process would."""
         gen = self._gen(step)
-        m_lab = torch.bernoulli(self.ratio[targets], generator=gen)
+        m_lab = torch.bernoulli(self.ratio[gather_batch(targets)], generator=gen)
         keep = unlabeled_keep_prob(self.ratio, epoch, self.p.horizon)
-        return m_lab, torch.bernoulli(keep[pseudo], generator=gen)
+        m_unl = torch.bernoulli(keep[gather_batch(pseudo)], generator=gen)
+        w = world_size()
+        if w == 1:
+            return m_lab, m_unl
+        r = dist_info().rank
+        return m_lab[r::w], m_unl[r::w]
 
     def __call__(self, ctx: StepContext) -> Tensor:
         p = self.p

@@ -22,8 +22,8 @@ comes from the unblended p; USB also uses warmup 5120 and t_dist 1.5 on every CI
 
 State (the labeler's; checkpointed): the queue (bank, fill, ring positions), pi, the open
 window's counts and, for "usb", the previous batch's q. The queue takes the global labeled
-batch (`dist.gather_batch`) and pi is summed over ranks when refreshed, so every rank holds the
-same state.
+batch (`dist.gather_batch`) and the window counts the global batch's labels (`dist.all_sum`), so
+every rank holds the same state.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ from torch import Tensor
 
 from ltframe.config import param
 from ltframe.engine.context import PseudoLabels, StepContext
-from ltframe.engine.dist import all_sum, gather_batch
+from ltframe.engine.dist import all_sum, gather_batch, world_size
+from ltframe.engine.dist import info as dist_info
 from ltframe.errors import LtframeError
 from ltframe.registry import Registry
 from ltframe_imbssl.prior import load_like, require_unlabeled, unlabeled_parts
@@ -160,7 +161,9 @@ class DasoLabeler:
                 v = torch.full_like(probs[:, :1], p.interp_alpha)
             sem = q
             if p.blend == "usb":  # the previous batch's semantic labels (USB's order of calls)
-                prev = self.prev_q
+                prev = self.prev_q  # the global batch's: this rank's rows
+                w = world_size()
+                prev = prev if prev is None or w == 1 else prev[dist_info().rank::w]
                 sem = prev if prev is not None and prev.shape == q.shape else q
             blended = (1.0 - v) * probs + v * sem
         else:
@@ -168,11 +171,12 @@ class DasoLabeler:
         conf, label = blended.max(1)
         if p.blend == "usb":
             conf = probs.max(1).values  # USB masks with the unblended probabilities
-            self.prev_q = q
+            self.prev_q = gather_batch(q)  # the same state on every rank
         mask = (conf >= p.threshold).float()
-        self.window = self.window.index_add(0, label, torch.ones_like(conf))
+        counts = torch.zeros_like(self.window).index_add_(0, label, torch.ones_like(conf))
+        self.window = self.window + all_sum(counts)  # the global batch's (the same on every rank)
         if (ctx.step + 1) % p.period == 0:
-            self.pl_dist = all_sum(self.window.clone())
+            self.pl_dist = self.window
             self.window = torch.zeros_like(self.window)
         ctx.extras[KEY] = {"q": q, "prototypes": protos, "active": active}
         return PseudoLabels(label, mask)

@@ -4,10 +4,11 @@ symmetric KL, per-class sums accumulated over an epoch (summed over ranks when t
 and the checks every method makes before the run (unlabeled batches, bounded state).
 
 `EpochSums` is the generic piece behind the estimated unlabeled distribution: a component adds
-per-class amounts during an epoch (the step's local batch; no host sync), and at the first step
-of the next epoch `close()` sums them over ranks (one all-reduce per epoch) and starts a new
-epoch. SimPro's pi_u / pi_a and ACR's per-epoch KL averages use it; a component that wants the
-prior of the pseudo-labels (e.g. DARP's estimate) can too.
+per-class amounts during an epoch (the step's local batch, summed over ranks at once: a small
+all-reduce per step, no host sync, so every rank holds the same sums and a checkpoint written by
+rank 0 holds them all), and at the first step of the next epoch `roll()` returns the closed
+epoch's sums and starts a new one. SimPro's pi_u / pi_a use it; a component that wants the prior
+of its pseudo-labels (e.g. DARP's estimate) can too.
 """
 
 from __future__ import annotations
@@ -55,21 +56,21 @@ def anchors(prior: Tensor) -> Tensor:
 class EpochSums:
     """Per-class (or any fixed-shape) amounts summed over one epoch, on the state's device.
 
-    `add(x)` during the epoch (this rank's batch); `roll(epoch)` at every step: when `epoch`
-    differs from the open epoch it returns the closed epoch's sums over all ranks (one
-    all-reduce) and opens the new one, else None. Host-side only the epoch number is compared."""
+    `add(x)` during the epoch (this rank's batch; summed over ranks); `roll(epoch)` at every
+    step: when `epoch` differs from the open epoch it returns the closed epoch's sums and opens
+    the new one, else None. Host-side only the epoch number is compared."""
 
     def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
         self.sums = torch.zeros(shape, device=device)
         self.epoch = -1  # none open yet
 
     def add(self, x: Tensor) -> None:
-        self.sums += x
+        self.sums += all_sum(x)
 
     def roll(self, epoch: int) -> Tensor | None:
         if epoch == self.epoch:
             return None
-        closed = None if self.epoch < 0 else all_sum(self.sums.clone())
+        closed = None if self.epoch < 0 else self.sums.clone()
         self.sums.zero_()
         self.epoch = epoch
         return closed
