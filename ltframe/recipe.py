@@ -102,6 +102,9 @@ class OptimCfg:
 
     optimizer: ComponentSpec
     schedule: ComponentSpec
+    # parameters kept out of weight decay: "bias" (every *.bias), "norm" (every parameter of a
+    # normalisation layer); [] decays all (ltframe/engine/param_groups.py)
+    no_decay: tuple[str, ...] = ()
 
 
 @dataclass
@@ -208,11 +211,14 @@ class Recipe:
 
 
 TOP_KEYS = ("extends", "run", "data", "model", "optim", "scheduler", "stage", "eval")
+#: `[optim] no_decay` entries (ltframe/engine/param_groups.py selects the parameters)
+NO_DECAY = ("bias", "norm")
 DEFAULT_OPTIM = {"name": "sgd", "lr": 0.1, "schedule": {"name": "constant"}}
 
 
 def _optim_table(opt: OptimCfg) -> dict[str, Any]:
-    return {**opt.optimizer.to_table(), "schedule": opt.schedule.to_table()}
+    extra = {"no_decay": list(opt.no_decay)} if opt.no_decay else {}
+    return {**opt.optimizer.to_table(), **extra, "schedule": opt.schedule.to_table()}
 
 
 def read_toml(path: str | Path, referrer: str | Path | None = None) -> dict[str, Any]:
@@ -346,10 +352,18 @@ def _resolve_optim(registry: Registry, table: Any, path: str) -> OptimCfg:
         raise RecipeError(f"{path}: expected a table like {{ name = 'sgd', lr = 0.1 }}")
     body = dict(table)
     schedule = body.pop("schedule", {"name": "constant"})
+    no_decay = body.pop("no_decay", [])
+    if not isinstance(no_decay, list) or not all(isinstance(r, str) for r in no_decay):
+        raise RecipeError(f"{path}.no_decay: expected a list of names, e.g. [\"bias\", \"norm\"]")
+    for rule in no_decay:
+        if rule not in NO_DECAY:
+            raise RecipeError(f"{path}.no_decay: unknown entry {rule!r}; allowed: "
+                              f"{allowed(NO_DECAY)}{closest(rule, NO_DECAY)}")
     body.setdefault("name", "sgd")
     return OptimCfg(
         registry.spec("optimizer", body, path),
         registry.spec("lr_schedule", schedule, f"{path}.schedule"),
+        tuple(dict.fromkeys(no_decay)),
     )
 
 

@@ -21,14 +21,16 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
                 ("labels", "num_classes", "seed", "rank", "world_size")),
     # device: the run's torch.device; build state (buffers, memories) there at construction,
     # never copy it in a step (issue 19). class_counts / labeled_counts are on it too.
+    # unlabeled_index: the dataset indices of the stage's unlabeled stream (empty without one)
     "pseudo_labeler": ("a callable(StepContext) -> PseudoLabels (and/or label_pool(pool))",
                        ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed",
-                        "device")),
+                        "device", "unlabeled_index")),
     "loss": ("a callable(StepContext) -> scalar tensor",
-             ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed", "device")),
+             ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed", "device",
+              "unlabeled_index")),
     "transform": ("a callable(StepContext) -> None run before the forward (may replace inputs)",
                   ("num_classes", "class_counts", "num_samples", "labeled_counts", "seed",
-                   "device")),
+                   "device", "unlabeled_index")),
     "head": ("an nn.Module mapping features to logits", ("in_features", "num_classes")),
     "scheduler": ("a StageScheduler (next_stage(history) -> StagePlan | None)", ("stages",)),
     # unlabeled=True: built as [data] unlabeled (no test set needed); image_size: the labelled

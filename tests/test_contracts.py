@@ -78,6 +78,7 @@ def toy_ctx(model, targets: torch.Tensor) -> StepContext:
     soft = torch.softmax(torch.randn(targets.numel(), C), 1)
     ctx.extras["mixmatch"] = {"labeled:weak": soft, "unlabeled:weak": soft.flip(0),
                               "unlabeled:strong": soft.roll(1, 0)}
+    ctx.extras["debiaspl"] = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))  # its labeler's margin
     return ctx
 
 

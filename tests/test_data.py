@@ -206,3 +206,68 @@ def test_file_store_prefetch_returns_the_same_batches(tmp_path):
     assert len(fast._pending) == 1  # the next batch is being decoded
     nxt = stream.next()
     assert torch.equal(fast.get(nxt), plain.get(nxt)) and not fast._pending
+
+
+# unlabeled distributions (SimPro's protocol, LeapLabTHU/SimPro dataset/cifar.py make_imb_data):
+# consistent counts [100, 77, 59, 46, 35, 27, 21, 16, 12, 10] = floor(100 * 10^(-c/9)); middle
+# takes positions [8, 6, 4, 2, 0, 1, 3, 5, 7, 9], headtail [1, 3, 5, 7, 9, 8, 6, 4, 2, 0]
+UNL_COUNTS = {
+    "consistent": [100, 77, 59, 46, 35, 27, 21, 16, 12, 10],
+    "uniform": [100] * 10,
+    "reversed": [10, 12, 16, 21, 27, 35, 46, 59, 77, 100],
+    "middle": [12, 21, 35, 59, 100, 77, 46, 27, 16, 10],
+    "headtail": [77, 46, 27, 16, 10, 12, 21, 35, 59, 100],
+}
+
+
+@pytest.mark.parametrize("dist", list(UNL_COUNTS))
+def test_counts_split_unlabeled_distributions(dist):
+    y = _labels(250, 10)
+    split = SplitCfg("counts", labeled_head=20, labeled_ratio=10, unlabeled_head=100,
+                     unlabeled_ratio=10, unlabeled_dist=dist)
+    s = make_splits(y, 10, ProfileCfg(), split, 0, 0)
+    assert torch.bincount(y[s.labeled], minlength=10).tolist() == [
+        math.floor(20 * 10 ** (-c / 9)) for c in range(10)]  # the labeled set never changes
+    assert torch.bincount(y[s.unlabeled], minlength=10).tolist() == UNL_COUNTS[dist]
+    # a head named by class_order: the positions are ranks, head first
+    names = [str(c) for c in range(10)]
+    s = make_splits(y, 10, ProfileCfg(class_order=names[::-1]), split, 0, 0, classes=names)
+    assert torch.bincount(y[s.unlabeled], minlength=10).tolist() == UNL_COUNTS[dist][::-1]
+
+
+def test_consistent_counts_split_is_unchanged_and_negative_ratio_still_reverses():
+    y = _labels(250, 10)
+    base = dict(labeled_head=20, labeled_ratio=10, unlabeled_head=100)
+    a = make_splits(y, 10, ProfileCfg(), SplitCfg("counts", unlabeled_ratio=10, **base), 0, 3)
+    b = make_splits(y, 10, ProfileCfg(), SplitCfg("counts", unlabeled_ratio=10,
+                                                  unlabeled_dist="consistent", **base), 0, 3)
+    assert torch.equal(a.labeled, b.labeled) and torch.equal(a.unlabeled, b.unlabeled)
+    neg = make_splits(y, 10, ProfileCfg(), SplitCfg("counts", unlabeled_ratio=-10, **base), 0, 3)
+    rev = make_splits(y, 10, ProfileCfg(), SplitCfg("counts", unlabeled_ratio=10,
+                                                    unlabeled_dist="reversed", **base), 0, 3)
+    assert torch.equal(neg.unlabeled, rev.unlabeled) and torch.equal(neg.labeled, rev.labeled)
+
+
+@pytest.mark.parametrize("dist, unl", [
+    ("consistent", [80, 61, 47, 36, 28, 21, 16, 12, 9, 8]),
+    ("uniform", [80] * 10),
+    ("reversed", [8, 9, 12, 16, 21, 28, 36, 47, 61, 80]),
+    ("middle", [9, 16, 28, 47, 80, 61, 36, 21, 12, 8]),
+    ("headtail", [61, 36, 21, 12, 8, 9, 16, 28, 47, 80]),
+])
+def test_fraction_split_unlabeled_distributions(dist, unl):
+    # total [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]; labeled ceil(0.2 n); unlabeled = the rest,
+    # reordered over the classes (consistent: [80, 61, 47, 36, 28, 21, 16, 12, 9, 8])
+    y = _labels(250, 10)
+    s = make_splits(y, 10, ProfileCfg("exp", ratio=10, n_max=100),
+                    SplitCfg("fraction", labeled_fraction=0.2, unlabeled_dist=dist), 0, 0)
+    assert torch.bincount(y[s.labeled], minlength=10).tolist() == [20, 16, 12, 10, 7, 6, 5, 4, 3, 2]
+    assert torch.bincount(y[s.unlabeled], minlength=10).tolist() == unl
+
+
+def test_unlabeled_dist_bad_combinations_are_clear_errors():
+    from ltframe.errors import RecipeError
+    with pytest.raises(RecipeError, match="unlabeled_dist = \"middle\" needs the counts or fraction"):
+        SplitCfg("multiple", unlabeled_dist="middle")
+    with pytest.raises(RecipeError, match="unlabeled_ratio = -100 is negative .*positive"):
+        SplitCfg("counts", unlabeled_ratio=-100, unlabeled_dist="reversed")

@@ -46,6 +46,10 @@ class ProfileCfg:
                               "or raise n_max")
 
 
+#: the unlabeled class distributions of SimPro's protocol (ZOO.md section 10)
+UnlabeledDist = Literal["consistent", "uniform", "reversed", "middle", "headtail"]
+
+
 @dataclass
 class SplitCfg:
     """How the long-tailed set is divided into labeled and unlabeled parts."""
@@ -60,6 +64,8 @@ class SplitCfg:
     # multiple: the unlabeled profile; "ratio" = exponential with unlabeled_ratio, "labeled" =
     # k x each class's labeled count (the labeled profile, whatever it is, e.g. lomax)
     unlabeled_shape: Literal["ratio", "labeled"] = "ratio"
+    # counts/fraction: the unlabeled class distribution (SimPro's protocol, `unlabeled_order`)
+    unlabeled_dist: UnlabeledDist = "consistent"
 
     def __post_init__(self) -> None:
         if not abs(self.unlabeled_ratio) >= 1 or math.isinf(self.unlabeled_ratio):
@@ -67,6 +73,39 @@ class SplitCfg:
                 f"data.split.unlabeled_ratio: {self.unlabeled_ratio:g} is out of range; it must be "
                 ">= 1, or <= -1 for the reversed (tail-first) order"
             )
+        if self.unlabeled_dist != "consistent":
+            if self.name not in ("counts", "fraction"):
+                raise RecipeError(
+                    f"data.split.unlabeled_dist = \"{self.unlabeled_dist}\" needs the counts or "
+                    f"fraction split (this one is \"{self.name}\"); set data.split.name or remove "
+                    "unlabeled_dist")
+            if self.name == "counts" and self.unlabeled_ratio < 0:
+                raise RecipeError(
+                    f"data.split.unlabeled_ratio = {self.unlabeled_ratio:g} is negative (reversed) "
+                    f"and unlabeled_dist = \"{self.unlabeled_dist}\" orders the classes too; give "
+                    "a positive unlabeled_ratio with unlabeled_dist")
+
+
+
+def unlabeled_order(ranked: list[int], dist: str) -> list[int]:
+    """Per-class unlabeled counts, head class first, for an unlabeled distribution `dist`, from
+    the consistent counts `ranked` (head first). As SimPro's make_imb_data
+    (LeapLabTHU/SimPro SimPro/dataset/cifar.py, flag_LT): "reversed" (1) = tail first;
+    "middle" (3) = position r takes ranked[i_r] with i = [.., 4, 2, 0, 1, 3, ..] (even indices
+    descending, then odd ascending: the largest count in the middle); "headtail" (4) =
+    i = [1, 3, .., .., 4, 2, 0] (both ends large, the middle small); "uniform" (gamma_u = 1) =
+    every class the head's count."""
+    c = len(ranked)
+    if dist == "uniform":
+        return [ranked[0]] * c
+    if dist == "reversed":
+        return ranked[::-1]
+    evens, odds = list(range(0, c, 2)), list(range(1, c, 2))
+    if dist == "middle":
+        return [ranked[i] for i in evens[::-1] + odds]
+    if dist == "headtail":
+        return [ranked[i] for i in odds + evens[::-1]]
+    return list(ranked)
 
 
 @dataclass
@@ -210,7 +249,9 @@ def make_splits(
 
     if split.name == "counts":
         lab = by_class(_signed_profile(split.labeled_head, split.labeled_ratio, num_classes))
-        unl = by_class(_signed_profile(split.unlabeled_head, split.unlabeled_ratio, num_classes))
+        unl = by_class(unlabeled_order(
+            _signed_profile(split.unlabeled_head, split.unlabeled_ratio, num_classes),
+            split.unlabeled_dist))
     else:
         total = by_class(profile_counts(profile, num_classes, [available[c] for c in rank], seed))
         if split.name == "supervised":
@@ -218,6 +259,8 @@ def make_splits(
         elif split.name == "fraction":
             lab = [max(1, math.ceil(split.labeled_fraction * n)) for n in total]
             unl = [n - m for n, m in zip(total, lab, strict=True)]
+            if split.unlabeled_dist != "consistent":
+                unl = by_class(unlabeled_order([unl[c] for c in rank], split.unlabeled_dist))
         else:  # multiple
             lab = total
             shape = (list(lab) if split.unlabeled_shape == "labeled"

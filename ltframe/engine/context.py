@@ -51,7 +51,8 @@ class StepContext:
     # engine-provided no-grad forwards: (part) -> (features, {head: logits})
     _teacher: Callable[[str], tuple[Tensor, dict[str, Tensor]]] | None = None
     _student_no_grad: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
-    _teacher_cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = field(default_factory=dict)  # (x, logits)
+    # (inputs, features, logits) of each part's teacher forward
+    _teacher_cache: dict[str, tuple[Tensor, Tensor, dict[str, Tensor]]] = field(default_factory=dict)
 
     def _part(self, part: str, known: dict | None = None) -> str:
         """`part` if it is one of `known`'s keys (default: the model outputs' parts)."""
@@ -94,6 +95,18 @@ class StepContext:
     def teacher_logits(self, part: str = "unlabeled", head: str = "main") -> Tensor:
         """No-grad logits of the stage's teacher (`stage.teacher`: the EMA model, or a frozen
         copy of the model as the stage started) on `part`'s inputs; computed once per step."""
+        by_head = self._teacher_out(part)[1]
+        if head not in by_head:
+            raise LtframeError(f"no head '{head}' in the teacher (heads: {', '.join(by_head)})")
+        return by_head[head]
+
+    def teacher_features(self, part: str = "labeled") -> Tensor:
+        """No-grad backbone features of the stage's teacher on `part`'s inputs (the same
+        forward as `teacher_logits`, computed once per step and part), e.g. for a feature queue
+        of EMA-model features."""
+        return self._teacher_out(part)[0]
+
+    def _teacher_out(self, part: str) -> tuple[Tensor, dict[str, Tensor]]:
         if self._teacher is None:
             raise LtframeError("this stage has no teacher model: set stage.ema > 0 (teacher = "
                                "\"ema\") or stage.teacher = \"start\"")
@@ -101,11 +114,9 @@ class StepContext:
         x = self.inputs_by_part[key]
         hit = self._teacher_cache.get(key)
         if hit is None or hit[0] is not x:  # inputs replaced by a transform: recompute
-            self._teacher_cache[key] = (x, self._teacher(key)[1])
-        by_head = self._teacher_cache[key][1]
-        if head not in by_head:
-            raise LtframeError(f"no head '{head}' in the teacher (heads: {', '.join(by_head)})")
-        return by_head[head]
+            feats, by_head = self._teacher(key)
+            self._teacher_cache[key] = (x, feats, by_head)
+        return self._teacher_cache[key][1], self._teacher_cache[key][2]
 
     def predict_no_grad(self, x: Tensor, head: str = "main") -> Tensor:
         """No-grad logits of the model being trained on `x` (BatchNorm normalises with the

@@ -12,6 +12,7 @@ import torch
 
 from ltframe.config import ComponentSpec, check_plain_name, refs
 from ltframe.engine.labelling import check_offline, pool_index
+from ltframe.engine.param_groups import param_groups
 from ltframe.engine.stages import StagePlan
 from ltframe.errors import LtframeError, RecipeError, closest
 
@@ -110,6 +111,17 @@ def probe_forward(run: Any) -> None:
                           "model.backbone_args (e.g. img_size)") from None
     finally:
         model.train(was)
+
+
+def unlabeled_pool(data: Any, cfg: Any) -> torch.Tensor:
+    """Dataset indices the stage's unlabeled stream draws from (empty when it has none): the
+    unlabeled split, or labeled + unlabeled with `unlabeled_pool = "all"`. Components get it as
+    the `unlabeled_index` context keyword (e.g. a per-sample table over the pool only)."""
+    if "unlabeled" not in cfg.data.split("+"):
+        return torch.zeros(0, dtype=torch.long)
+    splits = data.splits
+    return (splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
+            else torch.cat([splits.labeled, splits.unlabeled]))
 
 
 def stage_parts(cfg: Any) -> dict[str, list[str]]:
@@ -304,7 +316,8 @@ class _Stage:
                        labels=torch.full((n,), -1, dtype=torch.long), num_classes=d.num_classes,
                        seed=seed + 500, rank=0, world_size=1)
         ctx_kw = dict(num_classes=d.num_classes, class_counts=d.labeled_counts,
-                      num_samples=len(d.train), seed=seed, labeled_counts=d.labeled_counts)
+                      num_samples=len(d.train), seed=seed, labeled_counts=d.labeled_counts,
+                      unlabeled_index=unlabeled_pool(d, cfg))
         built = []
         for i, spec in enumerate(cfg.loss):
             self._refs(f"loss[{i}]", spec)
@@ -319,7 +332,8 @@ class _Stage:
             pool_index(d, cfg.label_pool, plan, run.smoke)
         self._views()
         if params and (self.total is None or self.total > 0):
-            optimizer = self._make("optim", plan.optim.optimizer, params=params)
+            groups = param_groups(params, self.model, plan.optim.no_decay)
+            optimizer = self._make("optim", plan.optim.optimizer, params=groups)
             total = self.total or max(cfg.steps, cfg.epochs * self.spe, 1)
             schedule = self._make("optim.schedule", plan.optim.schedule,
                                   steps_per_epoch=self.spe, total_steps=total)

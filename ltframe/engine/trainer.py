@@ -26,11 +26,12 @@ from ltframe.data.views import Drawn, elsewhere
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
 from ltframe.engine.ckpt_writer import CheckpointWriter
-from ltframe.engine.context import StepContext, split_outputs
+from ltframe.engine.context import PoolPredictions, StepContext, split_outputs
 from ltframe.engine.ema import EMA
 from ltframe.engine.forward import forward_no_grad
-from ltframe.engine.labelling import check_offline, label_pool, pool_index
-from ltframe.engine.preflight import check_plan_data
+from ltframe.engine.labelling import SMOKE_POOL, check_offline, label_pool, pool_index
+from ltframe.engine.param_groups import param_groups
+from ltframe.engine.preflight import check_plan_data, unlabeled_pool
 from ltframe.engine.report import Reporter
 from ltframe.engine.setup import set_cudnn_benchmark
 from ltframe.engine.stage_state import Accumulators, Stage
@@ -217,8 +218,7 @@ class Trainer:
                                 world_size=world)
             streams["labeled"] = BatchStream(sampler, index, batch, **aligned)
         if "unlabeled" in parts:
-            pool = (d.splits.unlabeled if cfg.unlabeled_pool == "unlabeled"
-                    else torch.cat([d.splits.labeled, d.splits.unlabeled]))
+            pool = unlabeled_pool(d, cfg)
             unknown = torch.full((pool.numel(),), -1, dtype=torch.long)  # no labels reach it
             sampler_u = reg.build(cfg.unlabeled_sampler, labels=unknown, num_classes=d.num_classes,
                                   seed=seed + 500, rank=rank, world_size=world)
@@ -340,14 +340,16 @@ class Trainer:
         if not params and total > 0:
             raise RecipeError(f"stage[{plan.index}].train: nothing to train; "
                               "name parts such as 'backbone' or 'heads.main'")
-        optimizer = reg.build(plan.optim.optimizer, params=params) if params else None
+        groups = param_groups(params, self.model, plan.optim.no_decay)
+        optimizer = reg.build(plan.optim.optimizer, params=groups) if params else None
         # class counts of what the stage trains on (labeled, plus pseudo-labelled samples)
         counts = (self.table.class_counts(index) if index.numel() else d.labeled_counts)
         counts = counts.to(self.device)
         self.prior_counts = counts.cpu()
         ctx_kw = dict(num_classes=d.num_classes, class_counts=counts, num_samples=len(d.train),
                       seed=rc.run.seed * 1000 + plan.index,
-                      labeled_counts=d.labeled_counts.to(self.device), device=self.device)
+                      labeled_counts=d.labeled_counts.to(self.device), device=self.device,
+                      unlabeled_index=unlabeled_pool(d, plan.cfg).to(self.device))
         losses: list[tuple[str, float, int, Any]] = []
         for i, spec in enumerate(cfg.loss):
             taken = [n for n, *_ in losses]
@@ -616,10 +618,46 @@ class Trainer:
             st.online = plm
             st.acc.confusion.zero_()
         every = self.recipe.run.checkpoint_every
-        if not last and (self._checkpoint_due() or (every and done % every == 0)):
-            self._checkpoint(st, done)
+        if not last:
+            self._epoch_pool(st, epoch)  # before a checkpoint: resume stays exact
+            if self._checkpoint_due() or (every and done % every == 0):
+                self._checkpoint(st, done)
         self.run.pm.hook.ltframe_epoch_end(run=self.run, stage=st.plan, epoch=epoch,
                                            metrics=metrics)
+
+    def _epoch_pool(self, st: Stage, epoch: int) -> None:
+        """Whole-pool predictions for components that update from them between epochs.
+
+        A stage component (pseudo-labeler, loss term, transform) that defines
+        `epoch_pool(pool: PoolPredictions, epoch: int)` gets, at the end of every epoch but the
+        last (before the checkpoint, so its state is saved with the epoch), the softmax of the
+        unlabeled split, un-augmented, float32, from `pool_model`: "model" (the training model
+        in eval mode; default) or "ema" (the evaluation model); `pool_model = None` opts out
+        (e.g. a mode that needs no pass); `pool_head` names the head (default: the eval
+        head). One pass per model kind and head;
+        sharded under torchrun, every rank gets every row. E.g. Adsh's per-class thresholds
+        and USB's SAW weights."""
+        comps = [c for c in (st.labeler, st.transform, *(t for *_, t in st.losses))
+                 if callable(getattr(c, "epoch_pool", None))
+                 and getattr(c, "pool_model", "model") is not None]
+        d, plan = self.data, st.plan
+        index = d.splits.unlabeled[:SMOKE_POOL] if self.run.smoke else d.splits.unlabeled
+        if not comps or index.numel() == 0:
+            return
+        pools: dict[tuple[str, str], PoolPredictions] = {}
+        for comp in comps:
+            kind = getattr(comp, "pool_model", "model")
+            head = getattr(comp, "pool_head", "") or plan.cfg.eval_head or self.recipe.model.eval_head
+            if (kind, head) not in pools:
+                model = st.eval_model(self.model) if kind == "ema" else self.model
+                logits = dist.sharded(lambda i, m=model, h=head: predict(
+                    m, d.train, i, d.source.mean, d.source.std, self.recipe.eval.batch_size, h,
+                    False, self.channels_last), index)
+                pools[kind, head] = PoolPredictions(
+                    index=index, probs=logits.softmax(1), num_classes=d.num_classes,
+                    class_counts=d.labeled_counts.cpu(), stage_index=plan.index,
+                    stage_name=plan.name, logits=logits)
+            comp.epoch_pool(pools[kind, head], epoch)
 
     # --- end of a stage -------------------------------------------------------------------
     def _end_stage(self, st: Stage) -> dict:

@@ -92,7 +92,7 @@ class Alternate:
         opt = self.optim.optimizer
         if lr > 0:
             opt = dataclasses.replace(opt, params=dataclasses.replace(opt.params, lr=lr))
-        return OptimCfg(opt, schedule)
+        return OptimCfg(opt, schedule, self.optim.no_decay)
 
     def _derived(self, **changes: Any) -> StageCfg:
         base = dict(steps=0, ema=0.0, fit=[], label=None, pseudo_labeler=None, transform=None,

@@ -92,9 +92,12 @@ class MeanTeacherLoss:
     ema_m 0.999) on another augmentation of the same images, times a ramp-up (USB
     semilearn/algorithms/meanteacher/meanteacher.py:36-69: linear over 0.4 of training, weight
     (ulb_loss_ratio) 50, mu = 1; the paper's code: softmax_mse_loss / num_classes / batch, the
-    same reduction, with the sigmoid ramp). USB's meanteacher.py (lines 55-56) feeds the
-    teacher's logits as the student's, so its consistency term has no gradient (issues #102,
-    #226); we follow the paper: the gradient reaches the student only. USB's teacher normalises
+    same reduction, with the sigmoid ramp). USB 0.3.0 (commit 7429eee) and USB's master since
+    commit 639cfbf (2024-03) feed the teacher's logits (EMA weights, weak view) as the
+    student's (meanteacher.py `logits_x_ulb_s = outs_x_ulb_w['logits']`), so their
+    consistency term has no gradient (issues #102, #226); 0.3.1 and 0.3.2 (the PyPI
+    releases) use the student's strong-view forward.
+    We follow the paper: the gradient reaches the student only. USB's teacher normalises
     with batch statistics: set stage.teacher_bn = "batch" to match it."""
 
     def __init__(self, params: MeanTeacherParams) -> None:

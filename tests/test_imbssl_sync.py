@@ -1,0 +1,43 @@
+"""No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (part 2:
+abc, acr, daso, simpro, cossl), with the probe of tests/test_sync_probe.py on tiny sizes and
+every method's term active from the first step."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltframe.probes import probe_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data.batch_size=8",
+        "data.longtail.ratio=10", "run.log_every=1000"]
+#: name -> (recipe, overrides, steps); steps_per_epoch 2 so that an epoch boundary is crossed
+RECIPES = {
+    "abc": ("recipes/cpu/abc.toml", ["stage.0.steps_per_epoch=2"], 3),
+    "acr": ("recipes/cpu/acr.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.est_epoch=0"], 5),
+    "simpro": ("recipes/cpu/simpro.toml", ["stage.0.steps_per_epoch=2"], 5),
+    "daso": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
+                                       "stage.0.pseudo_labeler.period=2"], 4),
+    "daso_usb": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
+                                           "stage.0.pseudo_labeler.blend=usb"], 3),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_no_host_device_sync_in_a_training_step(name, tmp_path):
+    recipe, over, steps = RECIPES[name]
+    res = probe_steps(ROOT / recipe, [*TINY, *over], out_dir=tmp_path / "runs", steps=steps)
+    assert res.steps == steps
+    syncs = res.syncs()
+    rows = "\n".join(f"{n:3d} {k} {op} {w}" for (k, op, w), n in res.by_location().items())
+    assert not syncs, f"{name}: {len(syncs)} host<->device syncs:\n{rows}"

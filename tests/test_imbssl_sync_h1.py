@@ -1,0 +1,42 @@
+"""No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (part 1:
+debiaspl, saw, adsh, darp), with the probe of tests/test_sync_probe.py on tiny sizes; each
+crosses an epoch boundary (steps_per_epoch 2) so the per-epoch updates run too."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltframe.probes import probe_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data.batch_size=8",
+        "data.longtail.ratio=10", "run.log_every=1000", "stage.0.steps_per_epoch=2"]
+#: name -> (recipe, overrides, steps)
+RECIPES = {
+    "debiaspl": ("recipes/cpu/debiaspl.toml", [], 3),
+    "adsh": ("recipes/cpu/adsh.toml", ["stage.0.pseudo_labeler.start_epoch=0"], 5),
+    "saw": ("recipes/cpu/saw.toml", [], 5),
+    "darp": ("recipes/cpu/darp.toml", ["stage.0.pseudo_labeler.warmup=0",
+                                       "stage.0.pseudo_labeler.every=1"], 4),
+    "saw_usb": ("recipes/cpu/saw.toml", ["stage.0.loss.1.counts=pool", "stage.0.loss.1.beta=0"], 5),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_no_host_device_sync_in_a_training_step(name, tmp_path):
+    recipe, over, steps = RECIPES[name]
+    res = probe_steps(ROOT / recipe, [*TINY, *over], out_dir=tmp_path / "runs", steps=steps)
+    assert res.steps == steps
+    syncs = res.syncs()
+    rows = "\n".join(f"{n:3d} {k} {op} {w}" for (k, op, w), n in res.by_location().items())
+    assert not syncs, f"{name}: {len(syncs)} host<->device syncs:\n{rows}"
