@@ -121,3 +121,88 @@ def test_mix_balanced_softmax_as_fixmatch_labeled_term(tmp_path):
     losses = [r["loss"] for r in rows if r["event"] == "train"]
     assert losses and {"balanced_softmax", "fixmatch"} <= set(losses[-1])
     assert any(r.get("mask_ratio") is not None for r in rows if r["event"] == "train")
+
+
+# --- causal_norm (TDE) ----------------------------------------------------------------------
+def loop_causal_norm(x, w, embed, k, tau, gamma, alpha, effect):
+    """CausalNormClassifier.forward written out per sample, chunk and class."""
+    d = x.shape[1] // k
+    out = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        for h in range(k):
+            xs = x[i, h * d:(h + 1) * d].double()
+            nx = xs / xs.norm()
+            if effect:
+                c = embed[h * d:(h + 1) * d].double()
+                nc = c / c.norm()
+                cos = (nx * nc).sum() / nx.norm() / nc.norm()
+                nx = nx - cos * alpha * nc
+            for j in range(w.shape[0]):
+                ws = w[j, h * d:(h + 1) * d].double()
+                out[i, j] += (tau / k) * (nx * (ws / (ws.norm() + gamma))).sum()
+    return out
+
+
+def test_causal_norm_training_logits_direction_and_tde(registry):
+    torch.manual_seed(0)
+    spec = registry.spec("head", {"name": "causal_norm", "num_head": 2, "alpha": 1.5, "mu": 0.9}, "h")
+    head = registry.build(spec, in_features=6, num_classes=3)
+    x1, x2 = torch.randn(4, 6), torch.randn(5, 6)
+    head.train()
+    z = head(x1)
+    assert torch.allclose(z.double(), loop_causal_norm(x1, head.weight.detach(), None, 2, 16.0,
+                                                       1 / 32, 0.0, False), atol=1e-5)
+    head(x2)  # d = 0.9 (0.9 * 0 + mean x1) + mean x2: accumulated, no (1 - mu)
+    assert torch.allclose(head.embed, 0.9 * x1.mean(0) + x2.mean(0), atol=1e-6)
+    with torch.no_grad():  # a no-grad forward (teacher, label guess) leaves d alone
+        head(x2)
+    assert torch.allclose(head.embed, 0.9 * x1.mean(0) + x2.mean(0), atol=1e-6)
+    head.eval()
+    got = head(x1)
+    want = loop_causal_norm(x1, head.weight.detach(), head.embed, 2, 16.0, 1 / 32, 1.5, True)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert not torch.allclose(got, z, atol=1e-3)  # the counterfactual moved the logits
+    # d is part of the head's state (checkpoints, EMA, export): a round trip is bit-exact
+    other = registry.build(spec, in_features=6, num_classes=3)
+    other.load_state_dict(head.state_dict())
+    other.eval()
+    assert torch.equal(other.embed, head.embed) and torch.equal(other(x1), got)
+
+
+def test_causal_norm_refuses_bad_parameters(registry):
+    with pytest.raises(RecipeError, match="divide"):
+        registry.build(registry.spec("head", {"name": "causal_norm", "num_head": 4}, "h"),
+                       in_features=6, num_classes=3)
+    with pytest.raises(RecipeError, match="mu"):
+        registry.spec("head", {"name": "causal_norm", "mu": 1.5}, "h")
+
+
+@pytest.mark.slow
+def test_causal_norm_direction_survives_resume(tmp_path):
+    from ltframe import resume_run
+    from ltframe.errors import LtframeError
+    from ltframe.testing import StopAt
+
+    over = {"run": {"log_every": 1}, "model": {"heads": {"main": {"name": "causal_norm"}}},
+            "stage": [{"name": "train", "epochs": 2, "steps_per_epoch": 3, "eval_every": 1}]}
+    full = start_run(tiny_recipe(tmp_path / "a", **over))
+    with pytest.raises(LtframeError, match="interrupted"):
+        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(4, 0))])
+    resumed = resume_run(next((tmp_path / "b" / "runs").iterdir()))
+    assert _evals(full) == _evals(resumed)
+    a, b = _latest(full), _latest(resumed)
+    assert a["model.heads.main.embed"].abs().sum() > 0
+    assert torch.equal(a["model.heads.main.embed"], b["model.heads.main.embed"])
+
+
+def _evals(summary):
+    rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows
+            if r["event"] in ("train", "eval")]
+
+
+def _latest(summary):
+    from safetensors.torch import load_file
+
+    ckpt = Path(summary["run_dir"]) / "checkpoints"
+    return load_file(ckpt / f"{(ckpt / 'latest').read_text().strip()}.safetensors")
