@@ -206,3 +206,97 @@ def _latest(summary):
 
     ckpt = Path(summary["run_dir"]) / "checkpoints"
     return load_file(ckpt / f"{(ckpt / 'latest').read_text().strip()}.safetensors")
+
+
+# --- weight balancing ---------------------------------------------------------------------
+class _Heads(torch.nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"main": torch.nn.Linear(w.shape[1], w.shape[0])})
+        with torch.no_grad():
+            self.heads["main"].weight.copy_(w)
+
+
+def test_weight_balancing_loss_is_weighted_bce_on_softmax(registry):
+    beta = 0.9999
+    raw = [(1 - beta) / (1 - beta**n) for n in COUNTS]
+    w = [r / sum(raw) * len(raw) for r in raw]
+    total = 0.0
+    for z, y in zip(LOGITS.tolist(), TARGETS.tolist(), strict=True):
+        e = [math.exp(v) for v in z]
+        p = [v / sum(e) for v in e]
+        for c, pc in enumerate(p):
+            total += w[y] * -(math.log(pc) if c == y else math.log(1 - pc))
+    want = total / (LOGITS.shape[0] * LOGITS.shape[1])
+    model = _Heads(torch.randn(3, 2))
+    loss = build(registry, "loss", {"name": "weight_balancing", "max_norm": 0.0})
+    got = loss(ctx_for(LOGITS, TARGETS, model=model))
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_max_norm_threshold_projection_and_schedule():
+    from ltframe_ltbase.weight_balancing import MaxNorm, MaxNormParams
+
+    w0 = torch.tensor([[3.0, 4.0], [0.6, 0.8], [1.0, 0.0], [0.0, 2.0]])  # norms 5, 1, 1, 2
+    model = _Heads(w0)
+    mn = MaxNorm(MaxNormParams(thresh=0.25))
+    ctx = ctx_for(LOGITS, TARGETS, model=model, total_steps=7, steps_per_epoch=3)
+    mn.start(model)
+    thresh = 1 + 0.25 * (5 - 1)  # min + t (max - min) = 2
+    assert mn.threshold.item() == pytest.approx(thresh)
+    with torch.no_grad():
+        model.heads["main"].weight.mul_(2.0)  # an update: norms 10, 2, 2, 4
+    due = [s for s in range(7) if mn.due(ctx_for(LOGITS, TARGETS, step=s, total_steps=7,
+                                                   steps_per_epoch=3))]
+    assert due == [2, 5, 6]  # the last step of each epoch, and of the stage
+    mn.ltframe_step_end(None, None, 0, ctx)  # step 0: not an epoch's end, nothing projected
+    assert torch.equal(model.heads["main"].weight, 2 * w0)
+    mn.ltframe_step_end(None, None, 2, ctx_for(LOGITS, TARGETS, step=2, model=model,
+                                               total_steps=7, steps_per_epoch=3))
+    want = []
+    for row in (2 * w0).tolist():
+        n = math.hypot(*row)
+        want.append([v * thresh / n for v in row] if n > thresh else row)
+    assert torch.allclose(model.heads["main"].weight, torch.tensor(want), atol=1e-6)
+    mn.start(model)  # the threshold stays the one of the stage start
+    assert mn.threshold.item() == pytest.approx(thresh)
+    state = mn.state_dict()
+    other = MaxNorm(MaxNormParams())
+    other.load_state_dict(state)
+    assert torch.equal(other.threshold, mn.threshold)
+
+
+def test_max_norm_refuses_bad_parameters(registry):
+    with pytest.raises(RecipeError, match="max_norm"):
+        registry.spec("loss", {"name": "weight_balancing", "max_norm": 2.0}, "l")
+    wb = build(registry, "loss", {"name": "weight_balancing", "parameter": "fc.weight"})
+    with pytest.raises(RecipeError, match="no parameter"):
+        wb(ctx_for(LOGITS, TARGETS, model=_Heads(torch.ones(3, 2))))
+
+
+@pytest.mark.slow
+def test_weight_balancing_stage_resumes_bit_exact(tmp_path):
+    from ltframe import resume_run
+    from ltframe.errors import LtframeError
+    from ltframe.testing import StopAt
+
+    over = {"run": {"log_every": 1},
+            "stage": [{"name": "ce", "epochs": 1, "steps_per_epoch": 2, "eval_every": 1},
+                      {"name": "wb", "epochs": 2, "steps_per_epoch": 3, "eval_every": 1,
+                       "train": ["heads.main"], "frozen_bn": "update",
+                       "optim": {"weight_decay": 0.1},
+                       "loss": [{"name": "weight_balancing", "max_norm": 0.1}]}]}
+    full = start_run(tiny_recipe(tmp_path / "a", **over))
+    with pytest.raises(LtframeError, match="interrupted"):
+        start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(4, 1))])
+    resumed = resume_run(next((tmp_path / "b" / "runs").iterdir()))
+    assert _evals(full) == _evals(resumed)
+    a, b = _latest(full), _latest(resumed)
+    assert torch.equal(a["model.heads.main.weight"], b["model.heads.main.weight"])
+    # the final rows respect the cap fixed at the start of stage "wb" (stage-1 checkpoint rows)
+    ckpt = Path(full["run_dir"]) / "checkpoints"
+    from safetensors.torch import load_file
+
+    start = load_file(next(ckpt.glob("stage0-*.safetensors")))["model.heads.main.weight"].norm(dim=1)
+    cap = start.min() + 0.1 * (start.max() - start.min())
+    assert (a["model.heads.main.weight"].norm(dim=1) <= cap + 1e-5).all()

@@ -13,6 +13,10 @@ the concatenation of its branches' pooled features:
   per expert (`reduce_dimension = true`: 24 / 48 channels, else 32 / 64); features
   [f_1 ; ... ; f_K], K x 48. A head over chunks of the features (`experts`) gives each
   expert its classifier.
+- `resnet34_cifar`: weight balancing's CIFAR ResNet-34 (ShadeAlsha/LTR-weight-balancing
+  utils/network_arch_resnet.py ResnetEncoder(34)): torchvision's ResNet-34 with a 3x3 stride-1
+  stem and no max-pool (its forward skips it), 512 features (timm's ResNet class, no zero-init
+  of the last BatchNorm, as torchvision's default).
 
 Option-A (zero-pad) shortcuts and Kaiming-normal initialisation as LDAM-DRW's ResNet-32
 (ltframe.models.cifar.ResNetCifar). `branch_features(feats, k, n)` cuts branch k's features.
@@ -24,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor
 
 from ltframe.errors import RecipeError
@@ -109,7 +114,20 @@ class MultiExpertResNetCifar(_TimmClassifierMixin):
                          dim=1)
 
 
-default_cfgs = generate_default_cfgs({"resnet32_two_branch": _cfg(), "resnet32_experts": _cfg()})
+class ResNet34Cifar(ResNet):
+    """ResNet-34 for 32x32 inputs: 3x3 stride-1 stem, no max-pool."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, **kwargs: object) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if k in ("drop_rate", "drop_path_rate")}
+        super().__init__(BasicBlock, (3, 4, 6, 3), num_classes=num_classes, in_chans=in_chans,
+                         zero_init_last=False, **kwargs)
+        self.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.maxpool = nn.Identity()
+
+
+default_cfgs = generate_default_cfgs({"resnet32_two_branch": _cfg(), "resnet32_experts": _cfg(),
+                                      "resnet34_cifar": _cfg()})
 
 
 @register_model
@@ -124,6 +142,12 @@ def resnet32_experts(pretrained: bool = False, **kwargs) -> MultiExpertResNetCif
     """RIDE's multi-expert ResNet-32 (3 experts, 24 / 48 channels by default)."""
     return build_model_with_cfg(MultiExpertResNetCifar, "resnet32_experts", pretrained,
                                 **{"depth": 32, **kwargs})
+
+
+@register_model
+def resnet34_cifar(pretrained: bool = False, **kwargs) -> ResNet34Cifar:
+    """ResNet-34 with a CIFAR stem (weight balancing's backbone)."""
+    return build_model_with_cfg(ResNet34Cifar, "resnet34_cifar", pretrained, **kwargs)
 
 
 def register(registry: Registry) -> None:
