@@ -300,3 +300,54 @@ def test_weight_balancing_stage_resumes_bit_exact(tmp_path):
     start = load_file(next(ckpt.glob("stage0-*.safetensors")))["model.heads.main.weight"].norm(dim=1)
     cap = start.min() + 0.1 * (start.max() - start.min())
     assert (a["model.heads.main.weight"].norm(dim=1) <= cap + 1e-5).all()
+
+
+# --- MiSLAS ---------------------------------------------------------------------------------
+def test_label_aware_smoothing_matches_the_rule(registry):
+    counts = (500, 120, 30, 5)
+    n1, nk = max(counts), min(counts)
+    eps = [0.1 + (0.4 - 0.1) * math.sin((n - nk) * math.pi / (2 * (n1 - nk))) for n in counts]
+    loss = build(registry, "loss", {"name": "mislas", "smooth_head": 0.4, "smooth_tail": 0.1},
+                 counts=counts)
+    assert torch.allclose(loss.eps.double(), torch.tensor(eps, dtype=torch.float64), atol=1e-6)
+    logits = torch.tensor([[1.0, 0.5, -0.2, 0.0], [0.1, 2.0, 0.3, -1.0], [-1.0, 0.2, 0.4, 0.9]])
+    y = torch.tensor([0, 2, 3])
+    total = 0.0
+    for z, t in zip(logits.tolist(), y.tolist(), strict=True):
+        lse = math.log(sum(math.exp(v) for v in z))
+        logp = [v - lse for v in z]
+        total += (1 - eps[t]) * -logp[t] + eps[t] * -sum(logp) / len(logp)
+    got = loss(ctx_for(logits, y, counts=counts))
+    assert got.item() == pytest.approx(total / 3, abs=1e-6)
+    linear = build(registry, "loss", {"name": "mislas", "smooth_head": 0.4, "smooth_tail": 0.1,
+                                      "shape": "linear"}, counts=counts)
+    want = [0.1 + 0.3 * (n - nk) / (n1 - nk) for n in counts]
+    assert torch.allclose(linear.eps.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6)
+
+
+def test_mislas_without_smoothing_is_mixup_ce(registry):
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 3, 2, 2)
+    ctx = ctx_for(LOGITS, TARGETS, step=2, inputs_by_part={"labeled": x})
+    build(registry, "transform", {"name": "mixup"}, seed=1)(ctx)
+    perm, lam = ctx.extras["mixup"]["labeled"]
+    got = build(registry, "loss", {"name": "mislas", "smooth_head": 0.0, "smooth_tail": 0.0})(ctx)
+    want = lam * F.cross_entropy(LOGITS, TARGETS) + (1 - lam) * F.cross_entropy(LOGITS, TARGETS[perm])
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+def test_scaled_linear_head_and_sgd_scaled_groups(registry):
+    head = registry.build(registry.spec("head", {"name": "scaled_linear", "linear_lr_scale": 0.2}, "h"),
+                          in_features=5, num_classes=3)
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        head.scale.copy_(torch.tensor([1.0, 2.0, 0.5]))
+    assert torch.allclose(head(x), head.fc(x) * torch.tensor([1.0, 2.0, 0.5]))
+    opt = registry.build(registry.spec("optimizer", {"name": "sgd_scaled", "lr": 0.1}, "optim"),
+                         params=list(head.parameters()))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr_of[id(head.fc.weight)] == lr_of[id(head.fc.bias)] == pytest.approx(0.02)
+    assert lr_of[id(head.scale)] == pytest.approx(0.1)
+    by_group = sorted((g["lr"], len(g["params"])) for g in opt.param_groups)
+    assert by_group == [(pytest.approx(0.02), 2), (pytest.approx(0.1), 1)]  # fc weight+bias, scale
