@@ -351,3 +351,86 @@ def test_scaled_linear_head_and_sgd_scaled_groups(registry):
     assert lr_of[id(head.scale)] == pytest.approx(0.1)
     by_group = sorted((g["lr"], len(g["params"])) for g in opt.param_groups)
     assert by_group == [(pytest.approx(0.02), 2), (pytest.approx(0.1), 1)]  # fc weight+bias, scale
+
+
+# --- RIDE -----------------------------------------------------------------------------------
+def loop_ride(experts, y, counts, lam, s, max_m, temp_c, weights):
+    """RIDELoss.forward, sample by sample: sum_k LDAM(z_k) + lam T_mean^2 KL(p_bar || q_k)."""
+    k, b, c = len(experts), len(y), len(counts)
+    mean = [[sum(experts[e][i][j] for e in range(k)) / k for j in range(c)] for i in range(b)]
+    m = [n ** -0.25 for n in counts]
+    m = [v * max_m / max(m) for v in m]
+    t_mean = sum(temp_c) / c
+    total = 0.0
+    for e in range(k):
+        num = den = 0.0
+        for i in range(b):
+            z = list(experts[e][i])
+            z[y[i]] -= s * m[y[i]]
+            lse = math.log(sum(math.exp(v) for v in z))
+            w = 1.0 if weights is None else weights[y[i]]
+            num += w * (lse - z[y[i]])
+            den += w
+        total += num / den
+        kl = 0.0
+        for i in range(b):
+            pz = [math.exp(mean[i][j] / temp_c[j]) for j in range(c)]
+            p = [v / sum(pz) for v in pz]
+            qz = [experts[e][i][j] / temp_c[j] for j in range(c)]
+            lq = [v - math.log(sum(math.exp(u) for u in qz)) for v in qz]
+            kl += sum(p[j] * (math.log(p[j]) - lq[j]) for j in range(c))
+        total += lam * t_mean * t_mean * kl / b
+    return total
+
+
+def test_experts_head_and_ride_loss_match_the_reference_rule(registry):
+    torch.manual_seed(1)
+    head = registry.build(registry.spec("head", {"name": "experts", "num_experts": 2}, "h"),
+                          in_features=6, num_classes=3)
+    feats = torch.randn(4, 6)
+    experts = head.expert_logits(feats)
+    for e in range(2):  # NormedLinear per expert on its chunk, times s = 30
+        x = torch.nn.functional.normalize(feats[:, 3 * e:3 * e + 3], dim=1)
+        w = torch.nn.functional.normalize(head.weight[e], dim=0)
+        assert torch.allclose(experts[e], 30 * x @ w, atol=1e-5)
+    assert torch.allclose(head(feats), experts.mean(0), atol=1e-6)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleDict({"main": head})
+
+    y = torch.tensor([0, 1, 2, 0])
+    ctx = ctx_for(head(feats), y, features={"labeled": feats}, model=M())
+    spec = {"name": "ride", "diversity_factor": -0.45, "drw_epoch": 3}
+    loss = build(registry, "loss", spec)
+    ex = experts.detach().tolist()
+    early = loop_ride(ex, y.tolist(), COUNTS, -0.45, 30.0, 0.5, [1.0] * 3, None)
+    assert loss(ctx).item() == pytest.approx(early, rel=1e-5)
+    pi = [n / sum(COUNTS) for n in COUNTS]
+    tw = [3 * p * 0.05 + 0.95 for p in pi]
+    tw = [v / max(tw) for v in tw]
+    raw = [(1 - 0.9999) / (1 - 0.9999**n) for n in COUNTS]
+    cbw = [r / sum(raw) * 3 for r in raw]
+    late = loop_ride(ex, y.tolist(), COUNTS, -0.45, 30.0, 0.5, tw, cbw)
+    ctx.epoch = 3
+    assert loss(ctx).item() == pytest.approx(late, rel=1e-5)
+    # the diversity term has a gradient for each expert (mean without gradient in the target)
+    loss(ctx).backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+def test_ride_refuses_bad_parameters(registry):
+    with pytest.raises(RecipeError, match="divide"):
+        registry.build(registry.spec("head", {"name": "experts", "num_experts": 4}, "h"),
+                       in_features=6, num_classes=3)
+    with pytest.raises(RecipeError, match="reweight_factor"):
+        registry.spec("loss", {"name": "ride", "reweight_factor": 1.0}, "l")
+
+
+def test_ride_preflight_refuses_expert_mismatch(tmp_path):
+    over = {"model": {"backbone": "resnet32_experts", "backbone_args": {"num_experts": 2},
+                      "heads": {"main": {"name": "experts", "num_experts": 1}}},
+            "stage": [{"name": "train", "epochs": 1, "steps_per_epoch": 1, "loss": ["ride"]}]}
+    with pytest.raises(RecipeError, match="num_experts = 1 but the backbone has 2"):
+        start_run(tiny_recipe(tmp_path, **over))
