@@ -434,3 +434,62 @@ def test_ride_preflight_refuses_expert_mismatch(tmp_path):
             "stage": [{"name": "train", "epochs": 1, "steps_per_epoch": 1, "loss": ["ride"]}]}
     with pytest.raises(RecipeError, match="num_experts = 1 but the backbone has 2"):
         start_run(tiny_recipe(tmp_path, **over))
+
+
+# --- BBN ------------------------------------------------------------------------------------
+def test_bilateral_sampler_pairs_and_reversed_class_rate(registry):
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    spec = registry.spec("sampler", "bilateral", "sampler")
+    s = registry.build(spec, labels=labels, num_classes=3, seed=5)
+    pos = s.epoch_indices(0)
+    assert len(s) == pos.numel() == 200
+    assert sorted(pos[0::2].tolist()) == list(range(100))  # one pass over the samples
+    # class k ~ n_max / n_k: 1, 2, 6 -> 1/9, 2/9, 6/9 (the reference's sample_class_index_by_weight)
+    want = torch.tensor([1.0, 2.0, 6.0]) / 9
+    assert torch.allclose(s.class_probs.float(), want, atol=1e-6)
+    draws = torch.cat([s.epoch_indices(e)[1::2] for e in range(30)])
+    freq = torch.bincount(labels[draws], minlength=3).double() / draws.numel()
+    assert torch.allclose(freq, want.double(), atol=0.03)
+    assert torch.equal(pos, s.epoch_indices(0))  # a pure function of (seed, epoch)
+    # DDP: every rank takes whole pairs, the ranks together the single-process pairs
+    r0 = registry.build(spec, labels=labels, num_classes=3, seed=5, rank=0, world_size=2).epoch_indices(0)
+    r1 = registry.build(spec, labels=labels, num_classes=3, seed=5, rank=1, world_size=2).epoch_indices(0)
+    pairs = pos.view(-1, 2)
+    assert torch.equal(r0.view(-1, 2), pairs[0::2]) and torch.equal(r1.view(-1, 2), pairs[1::2])
+
+
+def test_bbn_alpha_and_loss_match_the_combiner(registry):
+    from ltframe_ltbase.bbn import cumulative_alpha
+
+    assert cumulative_alpha(0, 200) == 1.0
+    assert cumulative_alpha(100, 200) == pytest.approx(1 - 0.25)
+    assert cumulative_alpha(45, 90) == pytest.approx(1 - (45 / 100) ** 2)  # 90 -> 100
+    torch.manual_seed(2)
+    head = torch.nn.Linear(4, 3)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleDict({"main": head})
+
+    feats = torch.randn(6, 4)  # rows 0, 2, 4 uniform; 1, 3, 5 re-balanced; columns [f_c | f_r]
+    y = torch.tensor([0, 2, 1, 2, 0, 1])
+    ctx = ctx_for(head(feats), y, epoch=50, features={"labeled": feats}, model=M(),
+                  total_steps=200 * 7, steps_per_epoch=7)
+    got = build(registry, "loss", "bbn")(ctx)
+    a = 1 - (50 / 200) ** 2
+    total = 0.0
+    for i in range(3):
+        u, r = feats[2 * i], feats[2 * i + 1]
+        mixed = torch.cat([2 * a * u[:2], 2 * (1 - a) * r[2:]])
+        z = (head.weight @ mixed + head.bias).tolist()
+        lse = math.log(sum(math.exp(v) for v in z))
+        total += a * (lse - z[y[2 * i]]) + (1 - a) * (lse - z[y[2 * i + 1]])
+    assert got.item() == pytest.approx(total / 3, abs=1e-5)
+
+
+def test_bbn_needs_its_sampler(tmp_path):
+    over = {"model": {"backbone": "resnet32_two_branch"},
+            "stage": [{"name": "train", "epochs": 1, "steps_per_epoch": 1, "loss": ["bbn"]}]}
+    with pytest.raises(RecipeError, match="bilateral"):
+        start_run(tiny_recipe(tmp_path, **over))
