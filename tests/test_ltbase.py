@@ -493,3 +493,35 @@ def test_bbn_needs_its_sampler(tmp_path):
             "stage": [{"name": "train", "epochs": 1, "steps_per_epoch": 1, "loss": ["bbn"]}]}
     with pytest.raises(RecipeError, match="bilateral"):
         start_run(tiny_recipe(tmp_path, **over))
+
+
+# --- no host <-> device sync inside a training step -------------------------------------------
+PROBED = {  # name -> (model table, stages), tiny synthetic data
+    "balanced_softmax": ({}, [{"loss": [{"name": "balanced_softmax", "reweight": "drw", "drw_epoch": 0}]}]),
+    "causal_norm": ({"heads": {"main": {"name": "causal_norm"}}}, [{"loss": ["ce"]}]),
+    "weight_balancing": ({}, [{"train": ["heads.main"], "frozen_bn": "update",
+                               "loss": [{"name": "weight_balancing", "every": "step"}]}]),
+    "mislas": ({"heads": {"main": {"name": "scaled_linear", "linear_lr_scale": 0.5}}},
+               [{"transform": "mixup", "train": ["backbone", "heads.main.fc"],
+                 "loss": [{"name": "mislas", "smooth_head": 0.0, "smooth_tail": 0.0}]},
+                {"train": ["heads.main"], "frozen_bn": "update", "sampler": "class_aware",
+                 "optim": {"name": "sgd_scaled", "lr": 0.05}, "loss": ["mislas"]}]),
+    "ride": ({"backbone": "resnet32_experts", "backbone_args": {"num_experts": 2},
+              "heads": {"main": {"name": "experts", "num_experts": 2}}},
+             [{"loss": [{"name": "ride", "drw_epoch": 0}]}]),
+    "bbn": ({"backbone": "resnet32_two_branch"}, [{"sampler": "bilateral", "loss": ["bbn"]}]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROBED))
+def test_no_host_device_sync_in_a_step(name, tmp_path):
+    from ltframe.probes import probe_steps
+
+    model, stages = PROBED[name]
+    stages = [{"name": f"s{i}", "epochs": 1, "steps_per_epoch": 3, **s} for i, s in enumerate(stages)]
+    path = tiny_recipe(tmp_path, model=model, stage=stages, run={"log_every": 1000})
+    res = probe_steps(path, out_dir=tmp_path / "runs", steps=3, stages=len(stages))
+    assert res.steps > 0 and len(res.stages) == len(stages)
+    syncs = res.syncs()
+    assert not syncs, "\n".join(f"{r.kind} {r.op} {r.where}" for r in syncs)
