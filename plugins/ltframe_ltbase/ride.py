@@ -139,12 +139,11 @@ class RideLoss:
         dev = mean.device
         late = self.p.reweight and ctx.epoch >= self.p.drw_epoch
         weight = self.cb.to(dev) if late else None
+        temp: Tensor | float = self.p.temperature  # a host number: no copy to the device
+        t_mean: Tensor | float = temp
         if late:
             temp = self.p.temperature * self.temp_weights.to(dev)[None, :]
             t_mean = temp.mean()
-        else:
-            temp = torch.tensor(self.p.temperature, device=dev)
-            t_mean = temp
         margin = self.p.scale * self.margins.to(dev)[y]
         onehot = F.one_hot(y, mean.shape[1]).to(mean.dtype)
         with torch.no_grad():
