@@ -525,3 +525,24 @@ def test_no_host_device_sync_in_a_step(name, tmp_path):
     assert res.steps > 0 and len(res.stages) == len(stages)
     syncs = res.syncs()
     assert not syncs, "\n".join(f"{r.kind} {r.op} {r.where}" for r in syncs)
+
+
+# --- LADE -----------------------------------------------------------------------------------
+def test_lade_is_prior_ce_plus_remine_regulariser(registry):
+    alpha, lam = 0.1, 0.01
+    n = sum(COUNTS)
+    pi = [c / n for c in COUNTS]
+    prior_ce = loop_ce(LOGITS, TARGETS, [math.log(p) for p in pi])
+    z, y = LOGITS.tolist(), TARGETS.tolist()
+    b, c = len(y), len(COUNTS)
+    reg = 0.0
+    for k in range(c):
+        members = [z[i][k] for i in range(b) if y[i] == k]
+        first = sum(members) / (len(members) + 1e-8)
+        q = [z[i][k] - math.log(pi[k]) + math.log(1 / c) for i in range(b)]
+        second = math.log(sum(math.exp(v) for v in q)) - math.log(b)
+        reg -= pi[k] * (first - second - lam * second**2)
+    got = build(registry, "loss", {"name": "lade", "alpha": alpha, "remine_lambda": lam})
+    assert got(ctx_for(LOGITS, TARGETS)).item() == pytest.approx(prior_ce + alpha * reg, abs=1e-5)
+    plain = build(registry, "loss", {"name": "lade", "alpha": 0.0})
+    assert plain(ctx_for(LOGITS, TARGETS)).item() == pytest.approx(prior_ce, abs=1e-6)
