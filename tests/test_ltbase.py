@@ -510,6 +510,7 @@ PROBED = {  # name -> (model table, stages), tiny synthetic data
               "heads": {"main": {"name": "experts", "num_experts": 2}}},
              [{"loss": [{"name": "ride", "drw_epoch": 0}]}]),
     "bbn": ({"backbone": "resnet32_two_branch"}, [{"sampler": "bilateral", "loss": ["bbn"]}]),
+    "lade": ({}, [{"loss": ["lade"]}]),
 }
 
 
