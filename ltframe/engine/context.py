@@ -41,6 +41,7 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the LTModel being trained (e.g. for a momentum encoder)
     total_steps: int = 0  # steps of the stage (for ramp-ups)
+    steps_per_epoch: int = 0  # steps of one stage epoch (0: not known, e.g. a hand-made context)
     inputs_by_part: dict[str, Tensor] = field(default_factory=dict)  # augmented input batches
     # dataset indices (into the source's train set, on the device) of each part's samples
     indices_by_part: dict[str, Tensor] = field(default_factory=dict)

@@ -480,7 +480,7 @@ class Trainer:
         ctx = StepContext(step=step, epoch=epoch, num_classes=self.data.num_classes,
                           class_counts=st.counts, targets=got["targets"],
                           features_by_part={}, logits_by_part={}, model=self.model,
-                          total_steps=st.total,
+                          total_steps=st.total, steps_per_epoch=st.spe,
                           inputs_by_part=x_parts, indices_by_part=got["indices"],
                           weights=got["weights"], soft_targets=got["soft_targets"],
                           _teacher=self._teacher_fn(st, x_parts),
