@@ -73,6 +73,10 @@ class Entry:
     doc: str
 
 
+#: modules that register backbones into timm when imported (plugins add them at registration)
+BACKBONE_MODULES: list[str] = []
+
+
 class Registry:
     """Named component factories, grouped by kind."""
 
@@ -80,6 +84,12 @@ class Registry:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         self.current_plugin = "?"
+
+    def add_backbone_module(self, module: str) -> None:
+        """A module that registers timm backbones when imported; imported only when a model
+        is built (`ltframe.models.build_backbone`), so listing components stays light."""
+        if module not in BACKBONE_MODULES:
+            BACKBONE_MODULES.append(module)
 
     def register(
         self,

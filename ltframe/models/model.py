@@ -13,6 +13,12 @@ from ltframe.errors import RecipeError, closest
 
 def build_backbone(name: str, **kwargs: Any) -> nn.Module:
     """`timm.create_model(name, num_classes=0)`: a feature extractor with `num_features`."""
+    import importlib
+
+    from ltframe.registry import BACKBONE_MODULES
+
+    for module in BACKBONE_MODULES:  # plugins' backbones, registered into timm on import
+        importlib.import_module(module)
     if not timm.is_model(name):
         names = timm.list_models()
         raise RecipeError(

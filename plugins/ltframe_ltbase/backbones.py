@@ -34,9 +34,7 @@ from torch import Tensor
 from ltframe.errors import RecipeError
 from ltframe.models.cifar import _BasicBlockA, _cfg, _TimmClassifierMixin
 from ltframe.registry import Registry
-
-#: branches / experts of one backbone at most
-MAX_BRANCHES = 64
+from ltframe_ltbase.branches import MAX_BRANCHES, branch_features  # noqa: F401
 
 
 def _layer(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
@@ -48,12 +46,6 @@ def _kaiming(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear | nn.Conv2d):
             nn.init.kaiming_normal_(m.weight)
-
-
-def branch_features(feats: Tensor, k: int, n: int) -> Tensor:
-    """Branch k's columns of the concatenated features of an n-branch backbone."""
-    width = feats.shape[1] // n
-    return feats[:, k * width:(k + 1) * width]
 
 
 class TwoBranchResNetCifar(_TimmClassifierMixin):

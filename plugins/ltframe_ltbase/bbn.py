@@ -35,7 +35,7 @@ from ltframe.data.samplers import SeededSampler
 from ltframe.engine.context import StepContext
 from ltframe.errors import DataError, LtframeError, RecipeError
 from ltframe.registry import Registry
-from ltframe_ltbase.backbones import branch_features
+from ltframe_ltbase.branches import branch_features
 
 
 @dataclass

@@ -34,7 +34,7 @@ from ltframe.engine.context import StepContext
 from ltframe.errors import RecipeError
 from ltframe.registry import Registry
 from ltframe_classics.losses import cb_weights
-from ltframe_ltbase.backbones import MAX_BRANCHES
+from ltframe_ltbase.branches import MAX_BRANCHES
 
 
 @dataclass
