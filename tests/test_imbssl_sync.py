@@ -1,6 +1,7 @@
-"""No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (part 2:
-abc, acr, daso, simpro, cossl), with the probe of tests/test_sync_probe.py on tiny sizes and
-every method's term active from the first step."""
+"""No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (debiaspl,
+saw, adsh, darp, abc, acr, daso, simpro), with the probe of tests/test_sync_probe.py on tiny sizes,
+every method's term active from the first step, each crossing an epoch boundary
+(steps_per_epoch 2) so the per-epoch updates run too."""
 
 from pathlib import Path
 
@@ -14,6 +15,14 @@ TINY = ["data.source.train_per_class=100", "data.source.test_per_class=4", "data
         "data.longtail.ratio=10", "run.log_every=1000"]
 #: name -> (recipe, overrides, steps); steps_per_epoch 2 so that an epoch boundary is crossed
 RECIPES = {
+    "debiaspl": ("recipes/cpu/debiaspl.toml", ["stage.0.steps_per_epoch=2"], 3),
+    "adsh": ("recipes/cpu/adsh.toml", ["stage.0.steps_per_epoch=2",
+                                       "stage.0.pseudo_labeler.start_epoch=0"], 5),
+    "saw": ("recipes/cpu/saw.toml", ["stage.0.steps_per_epoch=2"], 5),
+    "darp": ("recipes/cpu/darp.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=0",
+                                       "stage.0.pseudo_labeler.every=1"], 4),
+    "saw_usb": ("recipes/cpu/saw.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.counts=pool",
+                                         "stage.0.loss.1.beta=0"], 5),
     "abc": ("recipes/cpu/abc.toml", ["stage.0.steps_per_epoch=2"], 3),
     "acr": ("recipes/cpu/acr.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.est_epoch=0"], 5),
     "simpro": ("recipes/cpu/simpro.toml", ["stage.0.steps_per_epoch=2"], 5),
