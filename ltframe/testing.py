@@ -59,6 +59,25 @@ def tiny_recipe(tmp_path: Path, name: str = "recipe.toml", **over: Any) -> Path:
     return path
 
 
+def ddp_recipe(tmp_path: Path, stages: list[dict[str, Any]]) -> Path:
+    """A tiny semi-supervised recipe for comparing torchrun runs with one process: a two-block
+    ViT with `main` and `aux` heads, 4 synthetic classes, half of them labeled, batch 8."""
+    return tiny_recipe(
+        tmp_path,
+        run={"name": "ddp", "seed": 0, "log_every": 2},
+        data={"source": {"name": "synthetic", "num_classes": 4, "train_per_class": 12,
+                         "test_per_class": 5, "image_size": 16},
+              "longtail": {"name": "none"},
+              "split": {"name": "fraction", "labeled_fraction": 0.5}, "batch_size": 8},
+        model={"backbone": "vit_tiny_patch16_224",
+               "backbone_args": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32,
+                                 "num_heads": 2},
+               "heads": {"main": {"name": "linear"}, "aux": {"name": "linear"}},
+               "eval_head": "aux"},
+        optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": {"name": "constant"}},
+        stage=stages)
+
+
 def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 32,
                        seed: int = 0, ext: str = "png") -> None:
     """root/<class>/<i>.<ext> with random images (for folder-based source tests)."""

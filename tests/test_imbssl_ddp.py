@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ltframe import start_run
-from ltframe.testing import tiny_recipe
+from ltframe.testing import ddp_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +36,7 @@ STAGES = [
 
 
 def _recipe(tmp_path: Path) -> Path:
-    return tiny_recipe(
-        tmp_path,
-        run={"name": "ddp", "seed": 0, "log_every": 2},
-        data={"source": {"name": "synthetic", "num_classes": 4, "train_per_class": 12,
-                         "test_per_class": 5, "image_size": 16},
-              "longtail": {"name": "none"},
-              "split": {"name": "fraction", "labeled_fraction": 0.5}, "batch_size": 8},
-        model={"backbone": "vit_tiny_patch16_224",
-               "backbone_args": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32,
-                                 "num_heads": 2},
-               "heads": {"main": {"name": "linear"}, "aux": {"name": "linear"}},
-               "eval_head": "aux"},
-        optim={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": {"name": "constant"}},
-        stage=STAGES)
+    return ddp_recipe(tmp_path, STAGES)
 
 
 def _free_port() -> int:
