@@ -472,7 +472,19 @@ class Trainer:
               got: dict) -> StepContext:
         """The device part of a step, free of generators and host reads: deferred views, the
         input transform, the training forward, pseudo-labels and the loss terms (their sum in
-        ctx.losses['total']). `run.compile` compiles it whole (`_compile_core`)."""
+        ctx.losses['total']). `run.compile` compiles it whole (`_compile_core`).
+
+        With bf16 autocast the step runs inside one outer autocast region that is itself
+        disabled (losses stay float32) but keeps autocast's weight-cast cache alive across the
+        step's forwards (no-grad guesses, teacher calls, the training forward), so each
+        trainable weight is cast to bf16 once per step (tests/test_autocast_casts.py)."""
+        if not self.autocast:
+            return self._core_body(st, step, epoch, entries, aliases, got)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=False):
+            return self._core_body(st, step, epoch, entries, aliases, got)
+
+    def _core_body(self, st: Stage, step: int, epoch: int, entries: list,
+                   aliases: dict[str, str], got: dict) -> StepContext:
         x_all, sizes = self._view_inputs(entries)
         x_parts = dict(zip(sizes, torch.split(x_all, list(sizes.values())), strict=True))
         for alias, part in aliases.items():
