@@ -340,10 +340,13 @@ def _strong_new(x: torch.Tensor, gen: torch.Generator, p: V.StrongParams) -> tor
     then float, Cutout, normalisation)."""
     norm = V.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     x = V.flip_pad_crop(x, gen, p.flip, p.pad, "reflect")
-    x = norm.to_unit(A.rand_augment(x, gen, p.n_ops, p.max_ops))
+    x = A.rand_augment(x, gen, p.n_ops, p.max_ops).float()  # uint8 levels
     if p.cutout > 0:
-        x = A.cutout(x, gen, p.cutout)
-    return norm(x)
+        x = A.cutout(x, gen, p.cutout, levels=True)  # gray 127.5
+    out = norm.from_levels(x)
+    # = (x / 255 - mean) / std, the usual normalisation, up to float rounding
+    assert torch.allclose(out, norm(x / 255), atol=2e-6, rtol=0)
+    return out
 
 
 def test_strong_view_runs_on_this_module():

@@ -89,13 +89,19 @@ class _Consts:
         self.ranges[:, 1] -= self.ranges[:, 0]  # -> lo, span
         static = [_STATIC_LUTS.index(n) if n in _STATIC_LUTS else 0 for n in _CODES]
         self.static_kind = torch.tensor(static, device=device)  # op code -> index in _STATIC_LUTS
-        # op code -> one-hot over (rotate, shear_x, shear_y, translate_x, translate_y)
-        self.geo_sel = torch.tensor([[float(n == g) for g in GEOMETRIC] for n in _CODES], device=device)
+        # op code -> one-hot over (rotate, shear_x, shear_y, translate_x, translate_y); the
+        # rotation's entry converts degrees to radians (m * float32(pi / 180), as m * (pi / 180))
+        sel = torch.tensor([[float(n == g) for g in GEOMETRIC] for n in _CODES], device=device)
+        sel[:, 0] *= math.pi / 180
+        self.geo_sel = sel
         self.levels = torch.arange(256, dtype=torch.float32, device=device)
+        # posterize LUTs by kept bits b = 0..8 (b < 1 keeps 1 bit): floor(v / q) * q, q = 2^(8-b)
+        q = torch.exp2(8 - torch.arange(9, device=device).clamp(1, 8).float())[:, None]
+        self.poster = (self.levels / q).floor_().mul_(q)
         self.inverted = 255 - self.levels
         self.ones_i32 = torch.ones(1, dtype=torch.int32, device=device)
         self.one = torch.ones((), device=device)
-        # trigonometric part of a rotation's 3x3 matrix (cos, sin) -> 9 entries, plus the corner 1
+        # a rotation's (cos, sin) -> its 3x3 matrix entries (the corner 1 added apart)
         self.trig = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 0], [0, -1, 0, 1, 0, 0, 0, 0, 0]], device=device)
         self.corner = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 1], device=device)
         self.identity = torch.tensor(_C["identity"], device=device)
@@ -131,18 +137,20 @@ def prepare(device: torch.device | str) -> None:
     """Forget the cached constants and build `device`'s now (the `strong` view calls it at stage
     set-up, so a step copies nothing from the host; size-dependent caches are built on the
     device, without copies, at their first use)."""
-    for fn in (_consts, _geo_lin, _grid_base, _centres):
+    for fn in (_consts, _geo_lin, _grid_base, _cutout_axes):
         fn.cache_clear()
     _consts(torch.empty(0, device=device).device)
 
 
 @_memo
 def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
-    """(shear_x, shear_y, translate_x, translate_y) magnitudes -> the 9 matrix entries they add."""
-    t = torch.zeros(4, 9, device=device)
-    t[0, 1], t[0, 2] = 1.0, h / 2  # shear_x: x_in = x_out + m * (y_out + h / 2)
-    t[1, 3], t[1, 5] = 1.0, w / 2  # shear_y: y_in = y_out + m * (x_out + w / 2)
-    t[2, 2], t[3, 5] = -float(w), -float(h)  # translate: x_in = x_out - m * W (y: - m * H)
+    """(cos, sin, shear_x, shear_y, translate_x, translate_y) -> the 9 matrix entries they give
+    (a rotation's trigonometric part, then each op's magnitude times its entries)."""
+    t = torch.zeros(6, 9, device=device)
+    t[:2] = _consts(device).trig
+    t[2, 1], t[2, 2] = 1.0, h / 2  # shear_x: x_in = x_out + m * (y_out + h / 2)
+    t[3, 3], t[3, 5] = 1.0, w / 2  # shear_y: y_in = y_out + m * (x_out + w / 2)
+    t[4, 2], t[5, 5] = -float(w), -float(h)  # translate: x_in = x_out - m * W (y: - m * H)
     return t
 
 
@@ -159,8 +167,13 @@ def _grid_base(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 @_memo
-def _centres(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    return (torch.arange(h, device=device)[None] + 0.5, torch.arange(w, device=device)[None] + 0.5)
+def _cutout_axes(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Pixel centres of the rows then the columns [H+W], which uniform (1: centre y, 2: centre x)
+    places the square's centre on each, and that axis' length [H+W]."""
+    centres = torch.cat([torch.arange(h, device=device), torch.arange(w, device=device)]) + 0.5
+    which = torch.cat([torch.full((h,), 1, device=device), torch.full((w,), 2, device=device)])
+    size = torch.cat([torch.full((h,), float(h), device=device), torch.full((w,), float(w), device=device)])
+    return centres, which, size
 
 
 def _check_u8(x: Tensor) -> None:
@@ -179,8 +192,8 @@ class _Plan:
         lv = k.levels
         m1 = m[..., None]  # [R,B,1]
         self.bright = lv * m1  # brightness LUT, also contrast's v * m
-        q = torch.exp2(8 - m1.floor().clamp(1, 8))  # posterize: keep the top floor(m) bits
-        poster = (lv / q).floor_().mul_(q)
+        # posterize: keep the top floor(m) bits (m > 0: truncation is the floor; <1 bit: 1 bit)
+        poster = k.poster[m.long().clamp_(0, 8)]
         sol = torch.where(lv >= m1 * 255, k.inverted, lv)  # solarize: invert levels >= 255 m
         shape = self.bright.shape
         cands = torch.stack([lv.expand(shape), self.bright, poster, sol, k.inverted.expand(shape)])
@@ -220,22 +233,20 @@ def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
     gray = _gray_floor(x)  # [B,1,H,W]
     mean = gray.mean((1, 2, 3)).view(b, 1, 1)
 
-    # LUTs that need the statistics (float values; clamp and truncation come at the end)
+    # LUTs that need the statistics (float values; clamp and truncation come at the end); a
+    # channel they leave unchanged is not selected, so it keeps the op's static LUT (identity)
     # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
-    flat_ch = hi == lo
-    inv_scale = torch.where(flat_ch, k.one, (hi - lo).mul_(1.0 / 255))
-    auto = (lv - torch.where(flat_ch, k.zero, lo)).div_(inv_scale)
-    # equalize (PIL's LUT as torchvision computes it; a channel with step 0 is unchanged)
-    cum = hist.cumsum(2)
-    top = hist.gather(2, cum.argmax(2, keepdim=True))
-    step = (h * w - top).div_(255, rounding_mode="floor")
-    equal = (cum - hist + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
-    equal = torch.where(step != 0, equal.float(), lv)
+    auto = (lv - lo).div_((hi - lo).mul_(1.0 / 255))
+    # equalize (PIL's LUT as torchvision computes it; unchanged where step == 0): the pixels
+    # below the maximum (all but the last non-empty bin) set the step
+    below = hist.cumsum(2).sub_(hist)  # pixels under each level
+    step = below.gather(2, hi.long()).div_(255, rounding_mode="floor")
+    equal = (below + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
     # contrast: v * m + (1 - m) * mean, fused like torchvision's _blend (add_ with alpha)
     contr = torch.addcmul(plan.bright[r][:, None], mean, plan.contrast_alpha[r])
     lut = torch.where(plan.is_contrast[r], contr, plan.static[r])
-    lut = torch.where(plan.is_auto[r], auto, lut)
-    lut = torch.where(plan.is_equal[r], equal, lut)
+    lut = torch.where(plan.is_auto[r] & (hi != lo), auto, lut)
+    lut = torch.where(plan.is_equal[r] & (step != 0), equal, lut)  # int levels -> float
     y = lut.expand(b, c, 256).gather(2, idx).view(b, c, h, w)
 
     # blends (factor 1 = an exact identity): color with the gray image, sharpness with the blur;
@@ -285,9 +296,10 @@ def _matrices(code: Tensor, m: Tensor, h: int, w: int) -> Tensor:
     Each entry has one non-zero term, so it equals views.py's per-op matrix exactly."""
     k = _consts(code.device)
     p = k.geo_sel[code] * m[..., None]  # [..., 5]: the drawn op's magnitude in its column
-    rot = p[..., 0] * (math.pi / 180)
-    trig = torch.stack([torch.cos(rot), torch.sin(rot)], -1) @ k.trig + k.corner
-    return (p[..., 1:] @ _geo_lin(h, w, code.device)).add_(trig).view(*m.shape, 3, 3)
+    rot = p[..., :1]  # radians
+    v = torch.cat([torch.cos(rot), torch.sin(rot), p[..., 1:]], -1)
+    # one non-zero term per entry (an image draws one op per round): the matmul is exact
+    return (v @ _geo_lin(h, w, code.device)).add_(k.corner).view(*m.shape, 3, 3)
 
 
 def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
@@ -327,15 +339,21 @@ def draw_ops(gen: torch.Generator, b: int, n_ops: int, max_ops: int = 0,
     from k on are identity), then per round B op uniforms then B magnitude uniforms (on a CPU
     generator the same numbers as views.rand_augment)."""
     device = torch.device(device)
-    k = _consts(device)
+    _consts(device)  # built here, not inside a compiled step
     rounds = max(n_ops, max_ops)
     count = None
     if max_ops > n_ops:
         count = n_ops + torch.randint(0, max_ops - n_ops + 1, (1,), generator=gen, device=device)
     u = torch.rand(rounds, 2, b, generator=gen, device=device)
+    return ops_from_uniforms(u, count)
+
+
+def ops_from_uniforms(u: Tensor, count: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`draw_ops`' codes and magnitudes from its uniforms [R,2,B] (and its op count)."""
+    k = _consts(u.device)
     code = (u[:, 0] * len(OPS)).long()
     if count is not None:
-        active = torch.arange(rounds, device=device)[:, None] < count
+        active = torch.arange(u.shape[0], device=u.device)[:, None] < count
         code = torch.where(active, code, k.identity)
     r = k.ranges[code]  # [R,B,2] lo, span
     return code, r[..., 0] + r[..., 1] * u[:, 1]  # as views.rand_augment rounds it
@@ -344,6 +362,13 @@ def draw_ops(gen: torch.Generator, b: int, n_ops: int, max_ops: int = 0,
 def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     """Apply op codes / magnitudes [R,B] (from draw_ops) to uint8 x: the colour ops round by round,
     then all geometric ops of every round composed into one warp (see the module docstring)."""
+    out = apply_ops_levels(x, code, m)
+    return out if out.dtype == torch.uint8 else out.to(torch.uint8)
+
+
+def apply_ops_levels(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
+    """`apply_ops` without the final conversion: float32 holding the uint8 levels (whole numbers
+    0..255, exactly `apply_ops`' values), or x itself when there are no rounds."""
     _check_u8(x)
     if code.shape[0] == 0:
         return x
@@ -355,7 +380,7 @@ def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     total = mats[0]
     for r in range(1, code.shape[0]):
         total = total.bmm(mats[r])  # round 0's op applies first: input = T0 T1 ... output
-    return warp(xf, total[:, :2]).to(torch.uint8)
+    return warp(xf, total[:, :2])  # nearest on whole numbers: whole numbers
 
 
 def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int, max_ops: int = 0) -> Tensor:
@@ -366,19 +391,23 @@ def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int, max_ops: int = 0) 
     return apply_ops(x, code, m)
 
 
-def cutout(x: Tensor, gen: torch.Generator, max_frac: float, fill: float = 0.5) -> Tensor:
+def cutout(x: Tensor, gen: torch.Generator, max_frac: float, fill: float = 0.5,
+           levels: bool = False) -> Tensor:
     """Per-sample square Cutout of side v * max_frac * H at a uniform centre (v ~ U(0,1); draws
     [B,3] from `gen` on x's device), clipped at the border, filled with `fill` (on [0, 1]; uint8
-    images get round(255 * fill))."""
-    return apply_cutout(x, torch.rand(x.shape[0], 3, generator=gen, device=x.device), max_frac, fill)
+    images get round(255 * fill), float `levels` on the 0..255 scale 255 * fill)."""
+    return apply_cutout(x, torch.rand(x.shape[0], 3, generator=gen, device=x.device), max_frac, fill,
+                        levels)
 
 
-def apply_cutout(x: Tensor, r: Tensor, max_frac: float, fill: float = 0.5) -> Tensor:
-    """`cutout` with its [B,3] uniforms given (side, centre y, centre x)."""
+def apply_cutout(x: Tensor, r: Tensor, max_frac: float, fill: float = 0.5, levels: bool = False
+                 ) -> Tensor:
+    """`cutout` with its [B,3] uniforms given (side, centre y, centre x). `levels`: a float
+    batch on the 0..255 scale (the fill is then 255 * fill)."""
     b, _, h, w = x.shape
-    half = (r[:, 0] * max_frac * h / 2)[:, None]
-    cy, cx = (r[:, 1] * h)[:, None], (r[:, 2] * w)[:, None]
-    ys, xs = _centres(h, w, x.device)
-    inside = ((ys - cy).abs() < half)[:, :, None] & ((xs - cx).abs() < half)[:, None, :]
-    value = fill if x.is_floating_point() else round(255 * fill)
-    return torch.where(inside[:, None], value, x)
+    centres, which, size = _cutout_axes(h, w, x.device)
+    # |pixel centre - square centre| < half side, rows and columns at once ([B, H+W])
+    near = (centres - r[:, which] * size).abs_() < r[:, :1] * (max_frac * h / 2)
+    inside = near[:, None, :h, None] & near[:, None, None, h:]
+    value = 255 * fill if levels else fill if x.is_floating_point() else round(255 * fill)
+    return x.masked_fill(inside, value)

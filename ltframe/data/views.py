@@ -80,17 +80,22 @@ class Drawn:
 
 
 class Normalize:
-    """uint8 -> float, per-source mean/std normalisation (constants cached per device)."""
+    """uint8 -> float, per-source mean/std normalisation (constants cached per device).
+    `from_levels` normalises uint8 (or float levels 0..255) in one kernel:
+    x * (1 / (255 std)) + (-mean / std), equal to (x / 255 - mean) / std up to float rounding."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._affine_on: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def to(self, device: torch.device | str) -> Normalize:
         """Build the device's constants now (the trainer calls it at stage set-up, so the first
         step copies nothing); returns self."""
-        self.constants(torch.empty(0, device=device).device)  # canonical: cuda -> cuda:<i>
+        canonical = torch.empty(0, device=device).device  # cuda -> cuda:<i>
+        self.constants(canonical)
+        self.from_levels(torch.empty(0, 3, 1, 1, device=canonical))  # its constants
         _ARANGE.clear()  # the crops' index tables: rebuilt on the device at their first use
         return self
 
@@ -103,6 +108,15 @@ class Normalize:
 
     def to_unit(self, x: Tensor) -> Tensor:
         return x.float().div_(255.0)
+
+    def from_levels(self, x: Tensor) -> Tensor:
+        """Normalised float32 from uint8 or float levels on the 0..255 scale (one kernel)."""
+        got = self._affine_on.get(x.device)
+        if got is None:
+            mean, std = self.mean.double(), self.std.double()
+            got = self._affine_on[x.device] = ((-mean / std).float().to(x.device),
+                                               (1 / (255 * std)).float().to(x.device))
+        return torch.addcmul(got[0], x, got[1])
 
     def __call__(self, x: Tensor) -> Tensor:
         mean, std = self.constants(x.device)
@@ -122,7 +136,7 @@ class NoneView(Drawn, Normalize):
         return ()
 
     def apply(self, x: Tensor, draws: tuple) -> Tensor:
-        return Normalize.__call__(self, self.to_unit(x))
+        return self.from_levels(x)
 
 
 @dataclass
@@ -193,7 +207,7 @@ class WeakView(Drawn, Normalize):
 
     def apply(self, x: Tensor, draws: tuple) -> Tensor:
         x = apply_flip_pad_crop(x, *draws, self.p.pad, self.p.padding_mode)  # on uint8
-        return Normalize.__call__(self, self.to_unit(x))
+        return self.from_levels(x)
 
 
 def resized_crop(x: Tensor, r: Tensor, min_scale: float) -> Tensor:
@@ -266,6 +280,13 @@ class StrongView(Drawn, Normalize):
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
         p = self.p
+        if p.flip and p.pad > 0 and p.max_ops <= p.n_ops:
+            # one draw in the order of the calls below (on a CPU generator the same numbers)
+            r = p.n_ops
+            u = _rand(gen, 3 * b + 2 * r * b + (3 * b if p.cutout > 0 else 0), device=device)
+            ops = augment.ops_from_uniforms(u[3 * b:3 * b + 2 * r * b].view(r, 2, b))
+            cut = u[3 * b + 2 * r * b:].view(b, 3) if p.cutout > 0 else None
+            return (u[:b], u[b:3 * b].view(b, 2), *ops, cut)
         fc = draw_flip_crop(gen, b, p.flip, p.pad, device)
         ops = augment.draw_ops(gen, b, p.n_ops, p.max_ops, device)
         cut = _rand(gen, b, 3, device=device) if p.cutout > 0 else None
@@ -274,7 +295,8 @@ class StrongView(Drawn, Normalize):
     def apply(self, x: Tensor, draws: tuple) -> Tensor:
         f, off, code, m, cut = draws
         x = apply_flip_pad_crop(x, f, off, self.p.pad, "reflect")  # on uint8
-        x = self.to_unit(augment.apply_ops(x, code, m))
+        x = augment.apply_ops_levels(x, code, m)  # float levels (or x when no ops)
         if cut is not None:
-            x = augment.apply_cutout(x, cut, self.p.cutout)
-        return Normalize.__call__(self, x)
+            x = augment.apply_cutout(x if x.is_floating_point() else x.float(), cut,
+                                     self.p.cutout, levels=True)
+        return self.from_levels(x)
