@@ -1,5 +1,5 @@
 """No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (debiaspl,
-saw, adsh, darp, abc, acr, daso, simpro), with the probe of tests/test_sync_probe.py on tiny sizes,
+saw, adsh, darp, abc, acr, daso, simpro, tras), with the probe of tests/test_sync_probe.py on tiny sizes,
 every method's term active from the first step, each crossing an epoch boundary
 (steps_per_epoch 2) so the per-epoch updates run too."""
 
@@ -30,6 +30,7 @@ RECIPES = {
                                        "stage.0.pseudo_labeler.period=2"], 4),
     "daso_usb": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
                                            "stage.0.pseudo_labeler.blend=usb"], 3),
+    "tras": ("recipes/cpu/tras.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.3.start_epoch=1"], 3),
 }
 
 
