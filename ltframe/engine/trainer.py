@@ -635,8 +635,8 @@ class Trainer:
         in eval mode; default) or "ema" (the evaluation model); `pool_model = None` opts out
         (e.g. a mode that needs no pass); `pool_head` names the head (default: the eval
         head); `pool_splits` (default ("unlabeled",)) the splits it gets, one call each in
-        that order: "unlabeled", and "val" (the held-out labeled split, with `labels`; e.g.
-        DARP's BBSE estimate; preflight refuses it without a val split). One pass per model
+        the order listed: "unlabeled" and/or "val" (the held-out labeled split, with `labels`;
+        e.g. DARP's BBSE estimate; preflight refuses it without a val split). One pass per model
         kind, head and split; sharded under torchrun, every rank gets every row. E.g. Adsh's
         per-class thresholds and USB's SAW weights."""
         comps = [c for c in (st.labeler, st.transform, *(t for *_, t in st.losses))
