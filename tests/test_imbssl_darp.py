@@ -295,3 +295,21 @@ def test_bbse_needs_a_val_split(tmp_path):
                          stage=[stage])
     with pytest.raises(LtframeError, match="held-out labeled val split.*data.val_per_class"):
         start_run(recipe)
+
+
+def test_an_unknown_pool_split_is_refused(tmp_path, monkeypatch):
+    import functools
+
+    import ltframe_imbssl.darp as darp_module
+    original = darp_module.Darp.__init__
+
+    @functools.wraps(original)  # the registry passes the keywords the signature names
+    def init(self, *a, **k):
+        original(self, *a, **k)
+        self.pool_splits = ("test",)
+
+    monkeypatch.setattr(darp_module.Darp, "__init__", init)
+    recipe = tiny_recipe(tmp_path, data={"split": {"name": "fraction", "labeled_fraction": 0.5}},
+                         stage=[STAGE])
+    with pytest.raises(LtframeError, match="'test' split at epoch ends"):
+        start_run(recipe)
