@@ -151,10 +151,30 @@ STAGE = {"name": "s", "epochs": 2, "steps_per_epoch": 2, "data": "labeled+unlabe
 
 
 @pytest.mark.slow
-def test_darp_run_resumes_bit_exact(tmp_path):
-    over = {"run": {"checkpoint_every": 1, "log_every": 1},
-            "data": {"split": {"name": "fraction", "labeled_fraction": 0.5}}, "stage": [STAGE]}
+@pytest.mark.parametrize("target", ["labeled", "bbse"])
+def test_darp_run_resumes_bit_exact(tmp_path, target, monkeypatch):
+    import ltframe_imbssl.darp as darp_module
+    seen = []
+    original = darp_module.Darp.epoch_pool
+
+    def record(self, pool, epoch):
+        seen.append((epoch, pool.split, pool.index.numel(), pool.labels is not None))
+        original(self, pool, epoch)
+
+    monkeypatch.setattr(darp_module.Darp, "epoch_pool", record)
+    data = {"split": {"name": "fraction", "labeled_fraction": 0.5}}
+    stage = STAGE
+    if target == "bbse":  # the estimate after epoch 0 (the warm-up) refines epoch 1
+        data.update(val_per_class=2, val_first=True)
+        stage = {**STAGE, "pseudo_labeler": {**STAGE["pseudo_labeler"], "target": "bbse",
+                                             "bbse_cond": 1e12}}
+    over = {"run": {"checkpoint_every": 1, "log_every": 1}, "data": data, "stage": [stage]}
     full = Path(start_run(tiny_recipe(tmp_path / "a", **over))["run_dir"])
+    if target == "bbse":  # after epoch 0 (= warmup) only: val (8 = 2 per class, labels), unlabeled
+        assert [s[:2] for s in seen] == [(0, "val"), (0, "unlabeled")]
+        assert seen[0][2:] == (8, True) and seen[1][2] > 0 and not seen[1][3]
+    else:
+        assert seen == []  # no pass without BBSE
     with pytest.raises(RunInterrupted):
         start_run(tiny_recipe(tmp_path / "b", **over), plugins=[("stop", StopAt(4))])
     part = tmp_path / "b" / "runs" / "tiny"
@@ -168,3 +188,128 @@ def test_darp_run_resumes_bit_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
     sa = json.loads((full / "summary.json").read_text())
     assert sa["per_class"] == json.loads((resumed / "summary.json").read_text())["per_class"]
+    if target == "bbse":  # the estimate's state is checkpointed
+        assert any(k.endswith(".bbse_sum") for k in a)
+
+
+# --- BBSE estimate of the unlabeled class distribution (train_base_estim.py estimate_q_y) ----
+
+VAL_P = torch.tensor([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.5, 0.2],
+                      [0.1, 0.2, 0.7], [0.2, 0.2, 0.6]])
+VAL_Y = torch.tensor([0, 0, 1, 1, 2, 2])
+UNL_P = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6],
+                      [0.6, 0.3, 0.1], [0.3, 0.3, 0.4], [0.4, 0.5, 0.1], [0.1, 0.1, 0.8]])
+
+
+def _authors_estimate(val_p, val_y, unl_p):
+    """estimate_q_y / confusion: conf[:, y] += p per sample, columns / their sums, numpy's
+    inv(conf) @ sum of the unlabeled softmax, numpy's cond."""
+    import numpy as np
+
+    conf = np.zeros((3, 3))
+    for p, y in zip(val_p.tolist(), val_y.tolist(), strict=True):
+        conf[:, y] += p
+    for i in range(3):
+        conf[:, i] /= conf[:, i].sum()
+    q_tilde = np.asarray(unl_p.tolist()).sum(0)
+    return np.linalg.inv(conf) @ q_tilde, float(np.linalg.cond(conf))
+
+
+def _pool(split, probs, labels=None):
+    from ltframe.engine.context import PoolPredictions
+
+    return PoolPredictions(index=torch.arange(probs.shape[0]), probs=probs, num_classes=3,
+                           class_counts=torch.tensor([8, 5, 3]), stage_index=0, stage_name="s",
+                           split=split, labels=labels)
+
+
+def test_bbse_estimate_matches_the_authors_rule():
+    from ltframe_imbssl.darp import bbse_estimate, soft_confusion
+
+    conf = soft_confusion(VAL_P, VAL_Y, 3)
+    est, cond = bbse_estimate(conf, UNL_P)
+    want, want_cond = _authors_estimate(VAL_P, VAL_Y, UNL_P)
+    assert torch.allclose(est, torch.tensor(want, dtype=torch.float64), atol=1e-9)
+    assert abs(cond - want_cond) < 1e-9 * want_cond
+    assert torch.allclose(conf @ est, UNL_P.double().sum(0))  # M est = q~
+    # a class without val samples, or a singular M: no estimate
+    assert bbse_estimate(soft_confusion(VAL_P[:4], VAL_Y[:4], 3), UNL_P)[1] == float("inf")
+    flat = torch.full((6, 3), 1 / 3)
+    est, cond = bbse_estimate(soft_confusion(flat, VAL_Y, 3), UNL_P)
+    assert cond == float("inf") or cond > 1e12
+
+
+def test_bbse_target_from_the_epoch_pool_passes():
+    darp = _build(warmup=2, target="bbse", bbse_from=1, bbse_cond=1e6)
+    assert darp.pool_splits == ("val", "unlabeled") and darp.pool_head == "main"
+    labeled = darp.target.clone()
+    assert torch.allclose(labeled, torch.tensor([4.0, 2.5, 1.5]))  # before any estimate
+    # the engine asks for the pass only at the ends of epochs bbse_from..warmup
+    for epoch, kind in ((-1, None), (0, None), (1, "model"), (2, "model"), (3, None)):
+        darp.epoch = epoch
+        assert darp.pool_model == kind
+    assert _build(warmup=2).pool_model is None and _build(warmup=2).pool_splits == ("unlabeled",)
+    darp.epoch = 0
+    darp.epoch_pool(_pool("val", VAL_P, VAL_Y), 0)  # before bbse_from: ignored
+    darp.epoch_pool(_pool("unlabeled", UNL_P), 0)
+    assert darp.bbse_n == 0 and torch.equal(darp.target, labeled)
+    want, _ = _authors_estimate(VAL_P, VAL_Y, UNL_P)
+    want = torch.tensor(want)
+    assert (want >= 0).all()
+    darp.epoch_pool(_pool("val", VAL_P, VAL_Y), 1)
+    darp.epoch_pool(_pool("unlabeled", UNL_P), 1)
+    assert darp.bbse_n == 1
+    assert torch.allclose(darp.target.double(), want / want.sum() * 8, atol=1e-5)  # x N_u = 8
+    # a second accepted estimate: the target is the mean of both
+    unl2 = UNL_P.flip(1)
+    want2 = torch.tensor(_authors_estimate(VAL_P, VAL_Y, unl2)[0])
+    darp.epoch_pool(_pool("val", VAL_P, VAL_Y), 2)
+    darp.epoch_pool(_pool("unlabeled", unl2), 2)
+    mean = (want + want2) / 2 if (want2 >= 0).all() else want
+    assert torch.allclose(darp.target.double(), mean / mean.sum() * 8, atol=1e-5)
+    n = darp.bbse_n
+    # the state round trip restores the estimate and the target
+    other = _build(warmup=2, target="bbse", bbse_from=1, bbse_cond=1e6)
+    other.load_state_dict(darp.state_dict())
+    assert torch.equal(other.target, darp.target) and other.bbse_n == n
+    assert torch.equal(other.bbse_sum, darp.bbse_sum) and torch.equal(other.bbse_last, darp.bbse_last)
+    with pytest.raises(LtframeError, match="no BBSE estimate"):
+        other.load_state_dict(_build(warmup=2).state_dict())
+    # rejected: a condition number over bbse_cond, or a negative entry
+    strict = _build(warmup=2, target="bbse", bbse_cond=1.5)
+    strict.epoch_pool(_pool("val", VAL_P, VAL_Y), 0)
+    strict.epoch_pool(_pool("unlabeled", UNL_P), 0)
+    assert strict.bbse_n == 0 and torch.equal(strict.target, labeled) and strict.bbse_last_cond > 1.5
+    neg = _build(warmup=2, target="bbse")
+    neg.epoch_pool(_pool("val", VAL_P, VAL_Y), 0)
+    neg.epoch_pool(_pool("unlabeled", torch.tensor([[1.0, 0.0, 0.0]] * 8)), 0)
+    assert (neg.bbse_last < 0).any() and neg.bbse_n == 0
+    for kw in ({"bbse_cond": 1.0}, {"bbse_from": -1}, {"target": "est"}):
+        with pytest.raises(RecipeError, match="pseudo_labeler"):
+            _build(**kw)
+
+
+def test_bbse_needs_a_val_split(tmp_path):
+    stage = {**STAGE, "pseudo_labeler": {**STAGE["pseudo_labeler"], "target": "bbse"}}
+    recipe = tiny_recipe(tmp_path, data={"split": {"name": "fraction", "labeled_fraction": 0.5}},
+                         stage=[stage])
+    with pytest.raises(LtframeError, match="held-out labeled val split.*data.val_per_class"):
+        start_run(recipe)
+
+
+def test_an_unknown_pool_split_is_refused(tmp_path, monkeypatch):
+    import functools
+
+    import ltframe_imbssl.darp as darp_module
+    original = darp_module.Darp.__init__
+
+    @functools.wraps(original)  # the registry passes the keywords the signature names
+    def init(self, *a, **k):
+        original(self, *a, **k)
+        self.pool_splits = ("test",)
+
+    monkeypatch.setattr(darp_module.Darp, "__init__", init)
+    recipe = tiny_recipe(tmp_path, data={"split": {"name": "fraction", "labeled_fraction": 0.5}},
+                         stage=[STAGE])
+    with pytest.raises(LtframeError, match="'test' split at epoch ends"):
+        start_run(recipe)

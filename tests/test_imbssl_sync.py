@@ -1,5 +1,5 @@
 """No host<->device sync in a training step of the imbalanced SSL recipes of issue 20 (debiaspl,
-saw, adsh, darp, abc, acr, daso, simpro), with the probe of tests/test_sync_probe.py on tiny sizes,
+saw, adsh, darp, abc, acr, daso, simpro, tras), with the probe of tests/test_sync_probe.py on tiny sizes,
 every method's term active from the first step, each crossing an epoch boundary
 (steps_per_epoch 2) so the per-epoch updates run too."""
 
@@ -21,6 +21,10 @@ RECIPES = {
     "saw": ("recipes/cpu/saw.toml", ["stage.0.steps_per_epoch=2"], 5),
     "darp": ("recipes/cpu/darp.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=0",
                                        "stage.0.pseudo_labeler.every=1"], 4),
+    "darp_bbse": ("recipes/cpu/darp.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=0",
+                                            "stage.0.pseudo_labeler.every=1", "data.val_per_class=2",
+                                            "stage.0.pseudo_labeler.target=bbse",
+                                            "stage.0.pseudo_labeler.bbse_cond=1e12"], 4),
     "saw_usb": ("recipes/cpu/saw.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.1.counts=pool",
                                          "stage.0.loss.1.beta=0"], 5),
     "abc": ("recipes/cpu/abc.toml", ["stage.0.steps_per_epoch=2"], 3),
@@ -30,6 +34,7 @@ RECIPES = {
                                        "stage.0.pseudo_labeler.period=2"], 4),
     "daso_usb": ("recipes/cpu/daso.toml", ["stage.0.steps_per_epoch=2", "stage.0.pseudo_labeler.warmup=1",
                                            "stage.0.pseudo_labeler.blend=usb"], 3),
+    "tras": ("recipes/cpu/tras.toml", ["stage.0.steps_per_epoch=2", "stage.0.loss.3.start_epoch=1"], 3),
 }
 
 

@@ -154,15 +154,18 @@ class InputTransform(Protocol):
 @dataclass
 class PoolPredictions:
     """What an offline pseudo-labeler sees: the evaluation model's class probabilities for every
-    sample of a pool (un-augmented images), never the pool's true labels."""
+    sample of a pool (un-augmented images), never the pool's true labels (only the held-out
+    labeled `val` split of an `epoch_pool` pass comes with its labels)."""
 
-    index: Tensor  # int64 [N] dataset indices (train set)
+    index: Tensor  # int64 [N] dataset indices (train set; the val store for split "val")
     probs: Tensor  # float32 [N, C] softmax of the evaluation head (CPU)
     num_classes: int
     class_counts: Tensor  # labeled counts per class (CPU)
     stage_index: int
     stage_name: str
     logits: Tensor | None = None  # float32 [N, C] (e.g. for temperature-scaled soft targets)
+    split: str = "unlabeled"  # the pool's split: "unlabeled" (or a labelling pool) or "val"
+    labels: Tensor | None = None  # int64 [N] true labels: the "val" split only
 
 
 @dataclass

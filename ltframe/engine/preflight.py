@@ -344,12 +344,27 @@ class _Stage:
                               "check the schedule's values")
             del optimizer
         for key, comp in built:
+            self._pool_splits(key, comp)
             check = getattr(comp, "preflight", None)
             if callable(check):
                 try:
                     check(dataclasses.replace(info, role=key.split("[")[0]))
                 except LtframeError as exc:
                     self.fail(key, str(exc))
+
+    def _pool_splits(self, key: str, comp: Any) -> None:
+        """A component's `epoch_pool` splits (trainer._epoch_pool) exist in this run."""
+        if not callable(getattr(comp, "epoch_pool", None)):
+            return
+        for split in getattr(comp, "pool_splits", ("unlabeled",)):
+            if split not in ("unlabeled", "val"):
+                self.fail(key, f"asks for predictions on the '{split}' split at epoch ends; "
+                          "the splits are \"unlabeled\" and \"val\"")
+            d = self.run.data
+            if split == "val" and (d.val_labels is None or d.val_labels.numel() == 0):
+                self.fail(key, "needs predictions on a held-out labeled val split, but this "
+                          "run has none; set data.val_per_class (e.g. 10) or a source with a "
+                          "val set")
 
     def _views(self) -> None:
         """Every view built and tried on a few training images (cheap; no run RNG is used)."""

@@ -646,30 +646,36 @@ class Trainer:
         unlabeled split, un-augmented, float32, from `pool_model`: "model" (the training model
         in eval mode; default) or "ema" (the evaluation model); `pool_model = None` opts out
         (e.g. a mode that needs no pass); `pool_head` names the head (default: the eval
-        head). One pass per model kind and head;
-        sharded under torchrun, every rank gets every row. E.g. Adsh's per-class thresholds
-        and USB's SAW weights."""
+        head); `pool_splits` (default ("unlabeled",)) the splits it gets, one call each in
+        the order listed: "unlabeled" and/or "val" (the held-out labeled split, with `labels`;
+        e.g. DARP's BBSE estimate; preflight refuses it without a val split). One pass per model
+        kind, head and split; sharded under torchrun, every rank gets every row. E.g. Adsh's
+        per-class thresholds and USB's SAW weights."""
         comps = [c for c in (st.labeler, st.transform, *(t for *_, t in st.losses))
                  if callable(getattr(c, "epoch_pool", None))
                  and getattr(c, "pool_model", "model") is not None]
         d, plan = self.data, st.plan
-        index = d.splits.unlabeled[:SMOKE_POOL] if self.run.smoke else d.splits.unlabeled
-        if not comps or index.numel() == 0:
-            return
-        pools: dict[tuple[str, str], PoolPredictions] = {}
+        unl = d.splits.unlabeled[:SMOKE_POOL] if self.run.smoke else d.splits.unlabeled
+        pools: dict[tuple[str, str, str], PoolPredictions] = {}
         for comp in comps:
             kind = getattr(comp, "pool_model", "model")
             head = getattr(comp, "pool_head", "") or plan.cfg.eval_head or self.recipe.model.eval_head
-            if (kind, head) not in pools:
-                model = st.eval_model(self.model) if kind == "ema" else self.model
-                logits = dist.sharded(lambda i, m=model, h=head: predict(
-                    m, d.train, i, d.source.mean, d.source.std, self.recipe.eval.batch_size, h,
-                    False, self.channels_last), index)
-                pools[kind, head] = PoolPredictions(
-                    index=index, probs=logits.softmax(1), num_classes=d.num_classes,
-                    class_counts=d.labeled_counts.cpu(), stage_index=plan.index,
-                    stage_name=plan.name, logits=logits)
-            comp.epoch_pool(pools[kind, head], epoch)
+            for split in getattr(comp, "pool_splits", ("unlabeled",)):
+                store, index, labels = ((d.val, d.val_index, d.val_labels) if split == "val"
+                                        else (d.train, unl, None))
+                if index is None or index.numel() == 0:
+                    continue
+                if (kind, head, split) not in pools:
+                    model = st.eval_model(self.model) if kind == "ema" else self.model
+                    logits = dist.sharded(lambda i, m=model, h=head, s=store: predict(
+                        m, s, i, d.source.mean, d.source.std, self.recipe.eval.batch_size, h,
+                        False, self.channels_last), index)
+                    pools[kind, head, split] = PoolPredictions(
+                        index=index, probs=logits.softmax(1), num_classes=d.num_classes,
+                        class_counts=d.labeled_counts.cpu(), stage_index=plan.index,
+                        stage_name=plan.name, logits=logits, split=split,
+                        labels=None if labels is None else labels.cpu())
+                comp.epoch_pool(pools[kind, head, split], epoch)
 
     # --- end of a stage -------------------------------------------------------------------
     def _end_stage(self, st: Stage) -> dict:
