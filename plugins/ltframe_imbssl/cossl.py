@@ -91,7 +91,8 @@ class CosslParams:
     labels: Literal["teacher", "usb"] = "teacher"  # authors: teacher(EMA feats); usb: student head
     student_head: str = param("main", ref="head")  # labels = "usb": the student's head
     mix: Literal["authors", "usb"] = "authors"  # usb: every sample with class 0's probability
-    max_lam: float = param(0.6, ge=0, le=1)  # online TFE: lam ~ U(max_lam, 1)
+    # online TFE: lam ~ U(max_lam, 1); 0.6 as the authors' run scripts (their argparse: 0.8)
+    max_lam: float = param(0.6, ge=0, le=1)
     partner: Literal["all", "unlabeled"] = "all"  # authors: labeled + unlabeled; USB: unlabeled
     view: str = "strong"  # the stage view (by name) of the teacher batches and TFE's features
     weak_view: str = "weak"  # the stage view of TFE's labeled features and probabilities
