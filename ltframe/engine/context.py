@@ -49,8 +49,14 @@ class StepContext:
     # (None when every weight is 1 / when the stage's samples have no soft targets)
     weights: Tensor | None = None
     soft_targets: Tensor | None = None
+    # the stage's teacher module (the EMA model, or the frozen copy of stage.teacher =
+    # "start"; None without one), for a component that keeps part of it in step with its own
+    # state (e.g. the EMA copy of a head it trains itself)
+    teacher_model: Any = None
     # engine-provided no-grad forwards: (part) -> (features, {head: logits})
     _teacher: Callable[[str], tuple[Tensor, dict[str, Tensor]]] | None = None
+    # the teacher's forward on any batch: (inputs) -> (features, {head: logits})
+    _teacher_on: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
     _student_no_grad: Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]] | None = None
     # (inputs, features, logits) of each part's teacher forward
     _teacher_cache: dict[str, tuple[Tensor, Tensor, dict[str, Tensor]]] = field(default_factory=dict)
@@ -106,6 +112,15 @@ class StepContext:
         forward as `teacher_logits`, computed once per step and part), e.g. for a feature queue
         of EMA-model features."""
         return self._teacher_out(part)[0]
+
+    def teacher_forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """No-grad (features, {head: logits}) of the stage's teacher on any input batch `x`
+        (e.g. images a component drew and augmented itself), with the stage's teacher BatchNorm
+        mode and precision; not cached."""
+        if self._teacher_on is None:
+            raise LtframeError("this stage has no teacher model: set stage.ema > 0 (teacher = "
+                               "\"ema\") or stage.teacher = \"start\"")
+        return self._teacher_on(x)
 
     def _teacher_out(self, part: str) -> tuple[Tensor, dict[str, Tensor]]:
         if self._teacher is None:

@@ -495,6 +495,7 @@ class Trainer:
                           total_steps=st.total, steps_per_epoch=st.spe,
                           inputs_by_part=x_parts, indices_by_part=got["indices"],
                           weights=got["weights"], soft_targets=got["soft_targets"],
+                          teacher_model=st.teacher_model(), _teacher_on=self._teacher_on(st),
                           _teacher=self._teacher_fn(st, x_parts),
                           _student_no_grad=lambda x: forward_no_grad(self.model, x, True,
                                                                      self.autocast))
@@ -527,11 +528,16 @@ class Trainer:
         return ctx
 
     def _teacher_fn(self, st: Stage, x_parts: dict[str, Tensor]) -> Any:
+        on = self._teacher_on(st)
+        return None if on is None else (lambda part: on(x_parts[part]))
+
+    def _teacher_on(self, st: Stage) -> Any:
+        """The stage teacher's no-grad forward on any batch (None without a teacher)."""
         teacher = st.teacher_model()
         if teacher is None:
             return None
         batch_stats = st.plan.cfg.teacher_bn == "batch"
-        return lambda part: forward_no_grad(teacher, x_parts[part], batch_stats, self.autocast)
+        return lambda x: forward_no_grad(teacher, x, batch_stats, self.autocast)
 
     def _transformed(self, st: Stage, ctx: StepContext, sizes: dict[str, int],
                      aliases: dict[str, str], x_all: Tensor) -> Tensor:
