@@ -13,8 +13,10 @@ after each, so a failure or a timeout keeps the other sections' numbers):
              ResNet-32, supervised_wrn WRN-28-2, crest_pass): steps/s and images/s (a run
              without profiler), then a short run with `--profile` spans (share of data / forward /
              losses / backward / optimizer / EMA, plus one evaluation's share per protocol
-             period) and the host-sync count (CUDA: `torch.cuda.set_sync_debug_mode("warn")`
-             warnings over the profiled steps; CPU: `ltframe.probes.probe_steps`' SyncProbe)
+             period) and the host-sync check (CUDA: the profiled steady steps run under
+             `torch.cuda.set_sync_debug_mode("error")`; on a sync the first one is reported and
+             the run repeated in "warn" mode to count them; CPU: `ltframe.probes.probe_steps`'
+             SyncProbe)
   compile    fixmatch eager vs the whole step compiled (`run.compile = "default"`) vs the
              compiled step in CUDA graphs (`run.cuda_graph = true`)
   cifar10_lt ResNet-32 CE on CIFAR-10-LT (recipes/cifar10_lt/ce.toml) on the carried export
@@ -154,8 +156,14 @@ def one_workload(w: str, cfg: argparse.Namespace) -> dict:
             row["syncs"] = "n/a (one labelling pass, not a training step)"
             row["shares"] = "n/a (one labelling pass)"
             return row
-        prof = speed.run_workload(w, cfg.profile_steps, cfg.profile_warmup, cfg.root,
-                                  cfg.device, profile=True, sync_check=cuda)
+        sync_error = None
+        try:  # CUDA: the profiled steps run under sync debug mode "error"
+            prof = speed.run_workload(w, cfg.profile_steps, cfg.profile_warmup, cfg.root,
+                                      cfg.device, profile=True, sync_check=cuda, sync_mode="error")
+        except speed.SyncInStep as e:  # the first sync, located; then count them all
+            sync_error = str(e).splitlines()[0][:300]
+            prof = speed.run_workload(w, cfg.profile_steps, cfg.profile_warmup, cfg.root,
+                                      cfg.device, profile=True, sync_check=cuda, sync_mode="warn")
         if cfg.dry_run:  # one run: steps/s measured under the profiler
             row = dict(prof, timed_under_profiler=True)
         else:
@@ -163,9 +171,13 @@ def one_workload(w: str, cfg: argparse.Namespace) -> dict:
     shares = dict(prof.get("step_share", {}))
     shares["eval"] = row["eval_share"]
     row["shares"] = {k: shares.get(k) for k in SHARE_KEYS}
-    if cuda:
+    if cuda and sync_error is None:
+        row["syncs"] = prof.get("sync_errors")
+        row["syncs_how"] = f"CUDA sync debug mode 'error' over {cfg.profile_steps} steps: none"
+    elif cuda:
         row["syncs"] = prof.get("sync_warnings")
-        row["syncs_how"] = f"CUDA sync debug warnings over {cfg.profile_steps} steps"
+        row["syncs_how"] = (f"CUDA sync debug mode 'error' raised ({sync_error}); warnings "
+                            f"counted over {cfg.profile_steps} steps")
     else:
         row["syncs"] = cpu_sync_count(w, cfg)
         row["syncs_how"] = "SyncProbe over 2 steps after the first (CPU)"

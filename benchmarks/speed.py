@@ -30,6 +30,7 @@ no extra host synchronisation. images/s counts every image forwarded (all views)
     .venv/bin/python benchmarks/speed.py --only supervised,plain_torch --json out.json
     .venv/bin/python benchmarks/speed.py --root .cache/cifar10        # real CIFAR-10 export
     .venv/bin/python benchmarks/speed.py --ops --only fixmatch,bmb    # launches per step by range
+    .venv/bin/python benchmarks/speed.py --ops --compiled --only fixmatch  # + compiled views' kernels
 
 `benchmarks/scaling.py` measures pseudo-labelling / selection / evaluation against pool size.
 """
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ltframe import hookimpl, start_run
+from ltframe.data import augment
 from ltframe.engine import trainer as trainer_mod
 from ltframe.plugins import make_plugin_manager
 from ltframe.recipe import build_recipe
@@ -184,8 +186,40 @@ class _Clock:
             self._end_window()
 
 
+class SyncInStep(RuntimeError):
+    """A host<->device synchronisation inside a steady-state training step (CUDA sync debug
+    mode "error")."""
+
+
+def _strict_steps(warmup: int) -> Any:
+    """A `Trainer._step` that runs every step from `warmup` on (stage-local) under
+    `torch.cuda.set_sync_debug_mode("error")`: a host sync inside the step raises (log steps and
+    epoch ends, which read values back on purpose, run outside `_step`)."""
+    inner = trainer_mod.Trainer._step
+
+    def step(self: Any, st: Any, i: int, epoch: int) -> Any:
+        if i < warmup:
+            return inner(self, st, i, epoch)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return inner(self, st, i, epoch)
+        except RuntimeError as e:
+            if "synchroniz" in str(e):
+                raise SyncInStep(f"step {i} of stage {st.plan.name!r}: {e}") from e
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return inner, step
+
+
 def run_workload(workload: str, steps: int, warmup: int, root: str | None, device: str,
-                 profile: bool = False, sync_check: bool = False) -> dict[str, Any]:
+                 profile: bool = False, sync_check: bool = False,
+                 sync_mode: str = "warn") -> dict[str, Any]:
+    """One workload's steady-state numbers. `sync_check` on CUDA: with `sync_mode = "warn"`
+    count the sync warnings over the steady state; with "error" run the steady steps under sync
+    debug mode "error" (raises `SyncInStep` at the first sync inside a step)."""
+    strict = sync_check and sync_mode == "error" and device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         total = warmup + steps
@@ -194,7 +228,7 @@ def run_workload(workload: str, steps: int, warmup: int, root: str | None, devic
         path.write_text(dumps(raw))
         if workload == "crest_pass":
             return _crest_pass(path, device)
-        clock = _Clock(warmup, total, device, profile, sync_check)
+        clock = _Clock(warmup, total, device, profile, sync_check and not strict)
         evals: list[float] = []
         inner = trainer_mod.Trainer.evaluate
 
@@ -208,12 +242,16 @@ def run_workload(workload: str, steps: int, warmup: int, root: str | None, devic
 
         trainer_mod.Trainer.evaluate = timed_eval  # type: ignore[method-assign]
         trainer_mod.PROFILE_SPANS = profile
+        plain_step, strict_step = _strict_steps(warmup)
+        if strict:
+            trainer_mod.Trainer._step = strict_step  # type: ignore[method-assign]
         try:
             t0 = time.perf_counter()
             start_run(path, plugins=[("clock", clock)], reporter=None)
             wall = time.perf_counter() - t0
         finally:
             trainer_mod.Trainer.evaluate = inner  # type: ignore[method-assign]
+            trainer_mod.Trainer._step = plain_step  # type: ignore[method-assign]
             trainer_mod.PROFILE_SPANS = False
         m = clock.marks
         steady = m["end"] - m["warm"]
@@ -224,7 +262,9 @@ def run_workload(workload: str, steps: int, warmup: int, root: str | None, devic
                "eval_share": round(100 * evals[-1] / (evals[-1] + period), 2)}
         if profile:
             row["step_share"] = clock.shares()
-        if sync_check and device.startswith("cuda"):
+        if strict:
+            row["sync_errors"] = 0  # every steady step ran under sync debug mode "error"
+        elif sync_check and device.startswith("cuda"):
             row["sync_warnings"] = clock.sync_warnings
         return row
 
@@ -340,7 +380,11 @@ def op_counts(workload: str) -> dict[str, float]:
                 loss.update(size=32, get=16)
         path = Path(tmp) / "recipe.toml"
         path.write_text(dumps(raw))
-        res = probe_steps(path, out_dir=Path(tmp) / "runs", steps=3)
+        fast, augment.CPU_FAST_PATHS = augment.CPU_FAST_PATHS, False  # CUDA's kernel sequence
+        try:
+            res = probe_steps(path, out_dir=Path(tmp) / "runs", steps=3)
+        finally:
+            augment.CPU_FAST_PATHS = fast
     row: dict[str, float] = {}
     for k, v in res.totals(depth=2).items():
         top = k.split("/")[0]
@@ -350,6 +394,29 @@ def op_counts(workload: str) -> dict[str, float]:
             row[k[5:]] = row.get(k[5:], 0) + v
     row["total"] = sum(v for k, v in row.items() if k in OP_COLUMNS)
     return {k: round(v, 1) for k, v in row.items()}
+
+
+def compiled_view_kernels(batch: int = 8) -> dict[str, int]:
+    """Kernels inductor generates (CPU) for FixMatch's views compiled alone (`strong` n_ops 2
+    with Cutout, `weak`): what the augmentation costs inside the compiled step (`run.compile`),
+    to set beside the eager counts of `op_counts`. Takes about a minute on a CPU."""
+    from torch._inductor import metrics
+
+    from ltframe.data import views
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+    out = {}
+    for name, view in (("strong", views.StrongView(views.StrongParams(n_ops=2), (0.5,) * 3, (0.25,) * 3)),
+                       ("weak", views.WeakView(views.WeakParams(), (0.5,) * 3, (0.25,) * 3))):
+        view.to("cpu")
+        draws = view.draw(batch, gen, x.device)
+        torch._dynamo.reset()
+        metrics.reset()
+        got = torch.compile(view.apply, fullgraph=True)(x, draws)
+        assert torch.allclose(got, view.apply(x, draws), atol=1e-4)
+        out[name] = metrics.generated_kernel_count
+    return out
 
 
 def ops_table(rows: dict[str, dict[str, float]]) -> str:
@@ -379,10 +446,15 @@ def main() -> None:
                     help="CUDA: count host synchronisations in the steady state")
     ap.add_argument("--ops", action="store_true",
                     help="only the kernel-launching ops per eager step by range (CPU count)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="with --ops: also the kernels of FixMatch's views compiled (inductor, CPU)")
     args = ap.parse_args()
     if args.ops:
         names = [w for w in args.only.split(",") if w not in ("plain_torch", "crest_pass")]
         print(ops_table({w: op_counts(w) for w in names}))
+        if args.compiled:
+            k = compiled_view_kernels()
+            print(f"compiled views (inductor kernels, CPU): strong {k['strong']}, weak {k['weak']}")
         return
     gpu = args.device.startswith("cuda")
     steps = args.steps or (300 if gpu else 20)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("workloads", "compile", "cifar10_lt", "usb")
@@ -50,3 +51,30 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| workload | steps/s | images/s | syncs |" in md
     assert "| fixmatch |" in md and "cifar10_lt" in md
+
+
+def test_strict_steps_run_steady_steps_in_sync_error_mode(monkeypatch) -> None:
+    """speed._strict_steps: steps before `warmup` run as they are; later steps run under sync
+    debug mode "error" (restored after each), and CUDA's sync error becomes SyncInStep naming
+    the step and stage. CUDA's mode switch is recorded instead of set (no GPU here)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import speed
+
+    modes: list = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    calls: list = []
+
+    def fake_step(self, st, i, epoch):
+        calls.append((i, modes[-1] if modes else None))
+        if i == 3:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return i
+
+    monkeypatch.setattr(speed.trainer_mod.Trainer, "_step", fake_step)
+    _, strict = speed._strict_steps(warmup=2)
+    st = type("St", (), {"plan": type("P", (), {"name": "s0"})()})()
+    assert [strict(None, st, i, 0) for i in range(3)] == [0, 1, 2]
+    assert calls == [(0, None), (1, None), (2, "error")] and modes == ["error", "default"]
+    with pytest.raises(speed.SyncInStep, match="step 3 of stage 's0'"):
+        strict(None, st, 3, 0)
+    assert modes[-1] == "default"
