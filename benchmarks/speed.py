@@ -375,6 +375,11 @@ def op_counts(workload: str) -> dict[str, float]:
         if "split" in raw["data"]:
             raw["data"]["split"].update(labeled_head=50, labeled_ratio=10, unlabeled_head=100,
                                         unlabeled_ratio=10)
+        if raw.get("optim", {}).get("name") in ("sgd", "adam", "adamw"):
+            # CUDA's "auto" is the fused kernel, the CPU's default a loop over the tensors: count
+            # the multi-tensor version (Adam's bias corrections still read each step counter,
+            # `_local_scalar_dense`: host scalars on CUDA, no kernel)
+            raw["optim"]["impl"] = "foreach"
         for loss in raw["stage"][0].get("loss", []):
             if loss["name"] == "bmb":
                 loss.update(size=32, get=16)
