@@ -19,6 +19,8 @@ lib/algorithm/daso.py (PRETRAIN_STEPS, PL_DIST_UPDATE_PERIOD) and lib/utils/dist
 `blend = "usb"` is USB's behaviour (semilearn/imb_algorithms/daso): the semantic label of the
 *previous* batch is blended (its probs_sim is computed after the pseudo-label hook) and the mask
 comes from the unblended p; USB also uses warmup 5120 and t_dist 1.5 on every CIFAR-10 run.
+One step differs even then: USB starts its semantic-alignment loss one step before the
+blending (at num_pretrain_iter - 1); here both start at `warmup` (tests/test_usb_peer.py).
 
 State (the labeler's; checkpointed): the queue (bank, fill, ring positions), pi, the open
 window's counts and, for "usb", the previous batch's q. The queue takes the global labeled

@@ -18,7 +18,11 @@ one q^ per process).
 Defaults: tau 0.4 and threshold 0.8 are the authors' ImageNet scripts (argparse: 1.0 and 0.7),
 m 0.999. USB (semilearn/imb_algorithms/debiaspl/debiaspl.py compute_prob) updates q^ with
 `probs.mean()`, a scalar equal to 1/C, so its q^ stays uniform and both adjustments are constant
-shifts: USB's DebiasPL is FixMatch. `qhat = "usb"` reproduces that update.
+shifts: USB's DebiasPL is FixMatch. `qhat = "usb"` reproduces that update (GitHub's code,
+1ef4cbe). The PyPI wheel semilearn 0.3.2 differs: it has `probs.mean(dim=0)` (q^ moves per
+class, as `qhat = "batch_mean"`) but labels and masks with the updated q^ and the loss margin
+with the previous one, the reverse of the authors' order; no setting reproduces that wheel
+(tests/test_usb_peer.py pins both).
 """
 
 from __future__ import annotations
