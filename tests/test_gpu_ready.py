@@ -122,7 +122,8 @@ def test_eval_copies_to_the_host_once(monkeypatch):
     idx = torch.arange(21)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     predict(net, store, idx, mean, std, 4, "main")  # the view's constants, once
-    consts = [t for pair in ev._view(mean, std)._on.values() for t in pair]  # made on the device
+    view = ev._view(mean, std)
+    consts = [t for d in (view._on, view._affine_on) for pair in d.values() for t in pair]  # on the device
     with SyncProbe(net, store.images, consts) as probe:
         out = predict(net, store, idx, mean, std, 4, "main")  # 6 batches
     assert [r.kind for r in probe.syncs()] == ["d2h"], probe.syncs()
