@@ -14,7 +14,13 @@ parameters counted in epochs or steps of the full schedule are scaled to the sho
 - acr est_epoch (5 of 256 epochs) -> the same fraction of the epochs;
 - debiaspl momentum 0.999 (q^ averages ~1 epoch of 1024 steps) -> 1 - 1 / steps_per_epoch;
 - adsh (scores adapt from the third epoch), saw (weights from last epoch's counts) and simpro
-  (priors updated each epoch, ema_u 0.9) are per epoch already: kept.
+  (priors updated each epoch, ema_u 0.9) are per epoch already: kept;
+- tras start_epoch (11 of 256 epochs; 0-based) -> 30% of the epochs (3 of 10), so the TRAS head
+  `aux` (the evaluated head) trains for most of the short run on the base head's labels;
+- cossl (two stages: FixMatch 400 + CoSSL 100 epochs of 500 steps) -> the same total of
+  `--epochs`, split 70 / 30 (7 + 3 of 10); the generic stage.0 overrides (steps, EMA, eval_every)
+  are repeated for stage.1; TFE warm-up 10 x 500 (= the epoch length) head steps -> 10 x
+  `--steps`; the teacher's EMA decay 0.999 -> the `--ema-steps` time constant.
 
 A method added to `--methods` without an entry in `scaled` runs with the generic overrides only
 (one stage, `stage.0.*`): give it one when it counts epochs or steps, or has several stages.
@@ -45,7 +51,7 @@ FULL_EPOCHS, FULL_STEPS = 256, 1024  # the USB schedule of the recipes
 RECIPE = {"fixmatch": "fixmatch_darp"}
 
 
-def scaled(name: str, epochs: int, steps: int) -> list[str]:
+def scaled(name: str, epochs: int, steps: int, ema_steps: float = 50.0, eval_every: int = 0) -> list[str]:
     """Overrides of the method's epoch- or step-counted parameters for the short schedule."""
     total = epochs * steps
     if name == "darp":
@@ -60,6 +66,14 @@ def scaled(name: str, epochs: int, steps: int) -> list[str]:
         return [f"stage.0.loss.1.est_epoch={round(5 / FULL_EPOCHS * epochs)}"]
     if name == "debiaspl":
         return [f"stage.0.pseudo_labeler.momentum={1 - 1 / steps:.6g}"]
+    if name == "tras":
+        return [f"stage.0.loss.2.start_epoch={round(0.3 * epochs)}"]
+    if name == "cossl":
+        first = max(1, round(0.7 * epochs))
+        return [f"stage.0.epochs={first}", f"stage.1.epochs={max(1, epochs - first)}",
+                f"stage.1.steps_per_epoch={steps}", f"stage.1.ema={1 - 1 / ema_steps:.6g}",
+                f"stage.1.eval_every={eval_every}", f"stage.1.pseudo_labeler.warm_iters={steps}",
+                f"stage.1.pseudo_labeler.ema={1 - 1 / ema_steps:.6g}"]
     return []
 
 
@@ -89,7 +103,7 @@ def overrides(name: str, args: argparse.Namespace) -> list[str]:
            f"stage.0.epochs={args.epochs}", f"stage.0.steps_per_epoch={args.steps}",
            f"stage.0.ema={1 - 1 / args.ema_steps:.6g}", f"stage.0.eval_every={args.eval_every}",
            'eval.report="last"', 'eval.groups="rank"', "eval.rank_sizes=[3, 3]"]
-    return out + scaled(name, args.epochs, args.steps)
+    return out + scaled(name, args.epochs, args.steps, args.ema_steps, args.eval_every)
 
 
 def main() -> None:
@@ -112,8 +126,8 @@ def main() -> None:
     for name in args.methods:
         sets = overrides(name, args) + args.set
         print(f"# {name}: " + " ".join(f"--set '{s}'" for s in sets), flush=True)
-        print(f"# {name} scaled to the short schedule: {scaled(name, args.epochs, args.steps) or 'nothing'}",
-              flush=True)
+        short = scaled(name, args.epochs, args.steps, args.ema_steps, args.eval_every)
+        print(f"# {name} scaled to the short schedule: {short or 'nothing'}", flush=True)
         t0 = time.perf_counter()
         try:
             s = start_run(ROOT / f"{RECIPE.get(name, name)}.toml", sets, out_dir=args.out)
