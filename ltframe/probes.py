@@ -538,12 +538,14 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
     one-time set-up lands there). Ranges (paths under 'step' / 'warmup'): data (with
     'view:<name>' per view), transform, forward (the training forward), forward_no_grad
     (teacher / guesses), pseudo_labeler, 'loss:<name>' per term, backward, optimizer, ema,
-    accumulate, hooks (step-end hooks); the rest of the step is the root itself.
+    accumulate, hooks (step-end hooks); the rest of the step is the root itself. The batch
+    streams' index bookkeeping (`BatchStream.next`: host tensors, no kernels) is not counted.
     The run stops (KeyboardInterrupt, caught) at the first step after the probed stages; its
     run directory stays under `out_dir`. `foreach` sets the optimizer's `foreach` flag, so its
     ops are counted as on CUDA (torch's default there; on a CPU the default is a loop over the
     parameters).
     """
+    from ltframe.data.samplers import BatchStream
     from ltframe.engine import trainer as tr
     from ltframe.engine.ema import EMA
     from ltframe.engine.run import start_run
@@ -561,7 +563,7 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
             "setup": tr.Trainer._setup_stage,
             "gather": tr.Trainer._gather_inputs, "transformed": tr.Trainer._transformed,
             "fng": tr.forward_no_grad, "ema": EMA.update, "acc": Accumulators.add,
-            "backward": torch.Tensor.backward}
+            "backward": torch.Tensor.backward, "next": BatchStream.next}
 
     def ranged(name: str, fn: Callable) -> Callable:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -569,6 +571,18 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
                 return fn(*a, **k)
             with ranges.range(name):
                 return fn(*a, **k)
+        return wrapper
+
+    def on_host(fn: Callable) -> Callable:  # host-side bookkeeping: no kernel is launched
+        def wrapper(*a: Any, **k: Any) -> Any:
+            active = counter is not None and counter.active
+            if active:
+                counter.active = False
+            try:
+                return fn(*a, **k)
+            finally:
+                if active:
+                    counter.active = True
         return wrapper
 
     def push(name: str) -> None:  # hooks: must return None
@@ -651,7 +665,8 @@ def probe_steps(recipe_path: str | Path | None = None, overrides: list[str] | No
                (tr, "forward_no_grad", ranged("forward_no_grad", orig["fng"])),
                (EMA, "update", ranged("ema", orig["ema"])),
                (Accumulators, "add", ranged("accumulate", orig["acc"])),
-               (torch.Tensor, "backward", ranged("backward", orig["backward"]))]
+               (torch.Tensor, "backward", ranged("backward", orig["backward"])),
+               (BatchStream, "next", on_host(orig["next"]))]
     saved = [(obj, attr, obj.__dict__[attr]) for obj, attr, _ in patches]
     opt_hooks = [_optim.register_optimizer_step_pre_hook(lambda o, a, k: push("optimizer")),
                  _optim.register_optimizer_step_post_hook(lambda o, a, k: pop())]

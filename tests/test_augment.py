@@ -35,6 +35,14 @@ U8 = edge_case_images(B, H, W)
 X = U8.float() / 255
 
 
+@pytest.fixture(autouse=True, params=[True, False], ids=["cpu-paths", "cuda-paths"])
+def fast_paths(request, monkeypatch):
+    """Every test runs twice: with the CPU's faster equivalents and with the kernel sequence
+    a GPU runs (e.g. the sharpness blur as one whole-weight convolution): both equal torchvision."""
+    monkeypatch.setattr(A, "CPU_FAST_PATHS", request.param)
+    return request.param
+
+
 def _geo_ref(name: str, m: float, mode: InterpolationMode):
     def affine(img, translate=(0.0, 0.0), shear=(0.0, 0.0), center=None):
         return TF.affine(img, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),

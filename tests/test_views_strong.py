@@ -114,3 +114,31 @@ def test_augmentation_generator_state_of_another_kind_reseeds_deterministically(
     philox = torch.arange(16, dtype=torch.uint8)  # not a CPU generator's state
     assert torch.equal(restored(philox), restored(philox))
     assert not torch.equal(restored(philox), restored(philox.flip(0)))
+
+
+def test_flip_crop_table_equals_flip_then_pad_then_crop():
+    """The views' one-gather flip + reflect-pad + crop (a per-size table of source pixels)
+    equals flipping, padding and cropping, for every offset and both flips; sizes whose table
+    would be large, padding the image cannot reflect, and zero padding take the general path."""
+    g = torch.Generator().manual_seed(0)
+    for (h, w), pad in (((32, 32), 4), ((8, 12), 3), ((5, 7), 1), ((6, 6), 0)):
+        x = torch.randint(0, 256, (64, 3, h, w), dtype=torch.uint8, generator=g)
+        u = torch.rand(3 * 64, generator=g)
+        u[:4] = torch.tensor([0.0, 0.4999999, 0.5, 0.9999999])  # flip boundary
+        f, off = u[:64], u[64:].view(64, 2)
+        ref = V.apply_flip_pad_crop(x, f, off, pad, "reflect")
+        got = V.apply_flip_pad_crop(x, f, off, pad, "reflect", u)
+        assert torch.equal(got, ref)
+        # the reference spelled out for one image: flip, pad, crop at floor(off * (2 pad + 1))
+        i = 1
+        o = (off[i] * (2 * pad + 1)).long()
+        img = x[i].flip(2) if f[i] < 0.5 else x[i]
+        if pad:
+            img = torch.nn.functional.pad(img[None].float(), (pad,) * 4, mode="reflect")[0].byte()
+        assert torch.equal(got[i], img[:, o[0]:o[0] + h, o[1]:o[1] + w])
+    assert V._crop_table(4, 4, 4, torch.device("cpu")) is None  # reflect refuses pad >= size
+    assert V._crop_table(224, 224, 4, torch.device("cpu")) is None  # too large: general path
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g)
+    u = torch.rand(12, generator=g)
+    zeros = V.apply_flip_pad_crop(x, u[:4], u[4:].view(4, 2), 2, "zeros", u)
+    assert torch.equal(zeros, V.apply_flip_pad_crop(x, u[:4], u[4:].view(4, 2), 2, "zeros"))

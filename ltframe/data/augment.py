@@ -28,13 +28,18 @@ x.device))``; ``OP_FNS[name](x, m)`` (geometric ops also take ``mode=`` and floa
 has no random draws, so it can run under torch.compile(fullgraph=True) (inductor's float fusion
 may move a truncation by one level in a few values; eager equals torchvision).
 
-How it stays lean and static (no host sync, fixed kernel sequence for a given n_ops):
-- per round, every colour op is ONE per-sample, per-channel 256-entry lookup table (LUT) built on
+How it stays lean and static (no host sync, fixed kernel sequence for a given n_ops; about 27
+launches a round, `benchmarks/speed.py --ops` counts them):
+- every per-image parameter (thresholds, scales, blend factors, geometric magnitudes, the
+  switches of autocontrast / equalize) is C + D * m with (C, D) from one table lookup by op code;
+- per round, every colour op is ONE per-sample, per-channel 256-entry lookup table (LUT) on
   [B,3,256] (identity, autocontrast, equalize, brightness, contrast, posterize, solarize, invert)
-  and applied with one ``gather`` of the uint8 levels (held in float32 between rounds, so a round
-  converts nothing but its gather index); ``color`` / ``sharpness`` are per-sample blends whose
-  factor is 1 (an exact identity) for the images that did not draw them; the statistics
-  (histogram, min / max, mean gray) are computed for the whole batch in one pass each;
+  applied with one ``gather`` of the int64 levels (each round's result is truncated by its
+  conversion to the next round's index); ``color`` / ``sharpness`` are per-sample blends whose
+  factor is 0 (an exact identity) for the images that did not draw them; the statistics come
+  from one sort per round (min / max are its ends, equalize's cumulative histogram its
+  insertion points of the 256 levels) and the mean gray; the sharpness blur is one
+  whole-weight convolution (exact in any precision);
 - the geometric ops of all rounds are composed into one affine matrix per image and applied with
   ONE nearest ``grid_sample`` after the colour rounds;
 - random draws come from ``gen`` on the images' device; constants are built once per device
@@ -77,8 +82,12 @@ _CODES: tuple[str, ...] = (*OPS, "invert")  # op codes; invert is never drawn
 _C = {name: i for i, name in enumerate(_CODES)}
 #: use the CPU fast paths on CPU tensors (benchmarks turn it off to count the CUDA kernel sequence)
 CPU_FAST_PATHS = True
-# LUTs that depend on the magnitude only, stacked in this order; other codes take the identity
-_STATIC_LUTS = ("identity", "brightness", "posterize", "solarize", "invert")
+# per-image parameters, each C + D * m with (C, D) looked up by op code (`_Consts.aff`): the
+# solarize / invert threshold, the static LUT's scale and posterize row, 1 - m for contrast,
+# color and sharpness, the geometric magnitudes, and the autocontrast / equalize switches
+_PARAMS = ("thr", "scale", "row", "alpha_c", "g_col", "g_sh", *GEOMETRIC, "block_auto", "block_eq")
+_P = {name: i for i, name in enumerate(_PARAMS)}
+_NEVER = 1e9  # a threshold no level or statistic reaches
 
 
 class _Consts:
@@ -87,29 +96,35 @@ class _Consts:
     def __init__(self, device: torch.device) -> None:
         self.ranges = torch.tensor([RANGES[n] for n in OPS], device=device)  # [n_ops, 2] lo, hi
         self.ranges[:, 1] -= self.ranges[:, 0]  # -> lo, span
-        static = [_STATIC_LUTS.index(n) if n in _STATIC_LUTS else 0 for n in _CODES]
-        self.static_kind = torch.tensor(static, device=device)  # op code -> index in _STATIC_LUTS
-        # op code -> one-hot over (rotate, shear_x, shear_y, translate_x, translate_y); the
-        # rotation's entry converts degrees to radians (m * float32(pi / 180), as m * (pi / 180))
-        sel = torch.tensor([[float(n == g) for g in GEOMETRIC] for n in _CODES], device=device)
-        sel[:, 0] *= math.pi / 180
-        self.geo_sel = sel
+        # op code -> (C, D) of every per-image parameter P = C + D * m (`_PARAMS`), one lookup
+        aff = torch.zeros(len(_CODES), 2, len(_PARAMS))
+        aff[:, 0, _P["thr"]] = _NEVER  # levels >= thr are inverted: never, but for
+        aff[_C["solarize"], :, _P["thr"]] = torch.tensor([0.0, 255.0])  # solarize (255 m)
+        aff[_C["invert"], 0, _P["thr"]] = 0.0  # and invert (always)
+        aff[:, 0, _P["scale"]] = 1.0  # the static LUT's scale: m for the blends with factor m
+        for n in ("brightness", "color", "contrast"):
+            aff[_C[n], :, _P["scale"]] = torch.tensor([0.0, 1.0])
+        aff[:, 0, _P["row"]] = 8.0  # posterize table row: 8 bits (identity), posterize floor(m)
+        aff[_C["posterize"], :, _P["row"]] = torch.tensor([0.0, 1.0])
+        for n, col in (("contrast", "alpha_c"), ("color", "g_col"), ("sharpness", "g_sh")):
+            aff[_C[n], :, _P[col]] = torch.tensor([1.0, -1.0])  # 1 - m (0: the op is not drawn)
+        for g in GEOMETRIC:  # the magnitude, a rotation's in radians (m * float32(pi / 180))
+            aff[_C[g], 1, _P[g]] = math.pi / 180 if g == "rotate" else 1.0
+        for n, col in (("autocontrast", "block_auto"), ("equalize", "block_eq")):
+            aff[:, 0, _P[col]] = _NEVER  # the op acts where its statistic exceeds this: 0 for
+            aff[_C[n], 0, _P[col]] = 0.0  # its own code (max - min > 0, step > 0), never else
+        self.aff = aff.to(device)
         self.levels = torch.arange(256, dtype=torch.float32, device=device)
         # posterize LUTs by kept bits b = 0..8 (b < 1 keeps 1 bit): floor(v / q) * q, q = 2^(8-b)
         q = torch.exp2(8 - torch.arange(9, device=device).clamp(1, 8).float())[:, None]
         self.poster = (self.levels / q).floor_().mul_(q)
         self.inverted = 255 - self.levels
-        self.ones_i32 = torch.ones(1, dtype=torch.int32, device=device)
         self.one = torch.ones((), device=device)
-        # a rotation's (cos, sin) -> its 3x3 matrix entries (the corner 1 added apart)
-        self.trig = torch.tensor([[1.0, 0, 0, 0, 1, 0, 0, 0, 0], [0, -1, 0, 1, 0, 0, 0, 0, 0]], device=device)
-        self.corner = torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 0, 1], device=device)
         self.identity = torch.tensor(_C["identity"], device=device)
-        self.zero = torch.zeros((), device=device)
-        # op code -> flags (autocontrast, equalize, contrast, color, sharpness)
-        flags = [[n == f for f in ("autocontrast", "equalize", "contrast", "color", "sharpness")]
-                 for n in _CODES]
-        self.flags = torch.tensor(flags, device=device)
+        # the sharpness blur minus 13 x the centre, + 6.5 (see `_sharp_delta`), per channel
+        self.sharp_w = torch.ones(3, 1, 3, 3, device=device)
+        self.sharp_w[:, :, 1, 1] = -8.0
+        self.sharp_b = torch.full((3,), 6.5, device=device)
 
 
 def _memo(fn):
@@ -137,21 +152,28 @@ def prepare(device: torch.device | str) -> None:
     """Forget the cached constants and build `device`'s now (the `strong` view calls it at stage
     set-up, so a step copies nothing from the host; size-dependent caches are built on the
     device, without copies, at their first use)."""
-    for fn in (_consts, _geo_lin, _grid_base, _cutout_axes):
+    for fn in (_consts, _geo_lin, _grid_base, _cutout_axes, _level_index):
         fn.cache_clear()
     _consts(torch.empty(0, device=device).device)
 
 
 @_memo
 def _geo_lin(h: int, w: int, device: torch.device) -> Tensor:
-    """(cos, sin, shear_x, shear_y, translate_x, translate_y) -> the 9 matrix entries they give
-    (a rotation's trigonometric part, then each op's magnitude times its entries)."""
-    t = torch.zeros(6, 9, device=device)
-    t[:2] = _consts(device).trig
+    """(cos, sin, shear_x, shear_y, translate_x, translate_y, 1) -> the 9 matrix entries they
+    give (a rotation's trigonometric part, each op's magnitude times its entries, the corner 1)."""
+    t = torch.zeros(7, 9, device=device)
+    t[0, 0], t[0, 4], t[1, 1], t[1, 3] = 1.0, 1.0, -1.0, 1.0  # cos, -sin / sin, cos
     t[2, 1], t[2, 2] = 1.0, h / 2  # shear_x: x_in = x_out + m * (y_out + h / 2)
     t[3, 3], t[3, 5] = 1.0, w / 2  # shear_y: y_in = y_out + m * (x_out + w / 2)
     t[4, 2], t[5, 5] = -float(w), -float(h)  # translate: x_in = x_out - m * W (y: - m * H)
+    t[6, 8] = 1.0
     return t
+
+
+@_memo
+def _level_index(b: int, c: int, device: torch.device) -> Tensor:
+    """The levels 0..255 as int64 [B,C,256] (contiguous: the values `searchsorted` looks up)."""
+    return torch.arange(256, device=device).expand(b, c, 256).contiguous()
 
 
 @_memo
@@ -185,100 +207,111 @@ def _check_u8(x: Tensor) -> None:
 
 
 class _Plan:
-    """What the rounds need from the op codes and magnitudes [R,B], computed once per call."""
+    """What the rounds need from the op codes and magnitudes [R,B], computed once per call:
+    every per-image parameter from one table lookup and one multiply-add (`_PARAMS`), and each
+    round's static LUT [R,B,1,256]: levels >= thr inverted (solarize, invert), the others the
+    posterize row (8 bits: the levels themselves) times the scale (m for brightness, color and
+    contrast, whose blends start from v * m)."""
 
     def __init__(self, code: Tensor, m: Tensor) -> None:
         k = _consts(code.device)
-        lv = k.levels
-        m1 = m[..., None]  # [R,B,1]
-        self.bright = lv * m1  # brightness LUT, also contrast's v * m
-        # posterize: keep the top floor(m) bits (m > 0: truncation is the floor; <1 bit: 1 bit)
-        poster = k.poster[m.long().clamp_(0, 8)]
-        sol = torch.where(lv >= m1 * 255, k.inverted, lv)  # solarize: invert levels >= 255 m
-        shape = self.bright.shape
-        cands = torch.stack([lv.expand(shape), self.bright, poster, sol, k.inverted.expand(shape)])
-        kind = k.static_kind[code][None, ..., None].expand(1, *shape)
-        self.static = cands.gather(0, kind)[0][:, :, None]  # [R,B,1,256]
-        self.contrast_alpha = (1 - m)[..., None, None]  # [R,B,1,1] (torchvision's 1 - factor)
-        flags = k.flags[code][..., None, None]  # [R,B,5,1,1]
-        self.is_auto, self.is_equal, self.is_contrast = flags[:, :, 0], flags[:, :, 1], flags[:, :, 2]
-        f = torch.where(flags[:, :, 3:, :, :, None], m[..., None, None, None, None], k.one)  # 1: identity
-        self.f_col, g = f[:, :, 0], 1 - f  # [R,B,1,1,1]
-        self.g_col, self.g_sh = g[:, :, 0], g[:, :, 1]
+        a = _params(code, m)  # [R,B,P]
+        base = k.poster[a[..., _P["row"]].long()].mul_(a[..., _P["scale"], None])
+        static = torch.where(k.levels >= a[..., _P["thr"], None], k.inverted, base)
+        self.static = static[:, :, None]  # [R,B,1,256]
+        col = {name: a[..., _P[name]] for name in _PARAMS}
+        self.alpha_c = col["alpha_c"][..., None, None]  # [R,B,1,1] (torchvision's 1 - factor)
+        self.g_col = col["g_col"][..., None, None, None]  # [R,B,1,1,1]
+        self.g_sh = col["g_sh"][..., None, None, None]
+        self.block_auto = col["block_auto"][..., None, None]  # [R,B,1,1]
+        self.block_eq = col["block_eq"][..., None, None]
+        self.geo = a[..., _P["rotate"]:_P["rotate"] + len(GEOMETRIC)]  # [R,B,5]
 
 
-def _gray_floor(xf: Tensor) -> Tensor:
-    """torchvision's uint8 grayscale before rounding: floor(0.2989 R + 0.587 G + 0.114 B), [B,1,H,W]."""
-    return xf[:, 0].mul(0.2989).add_(xf[:, 1], alpha=0.587).add_(xf[:, 2], alpha=0.114).floor_()[:, None]
+def _params(code: Tensor, m: Tensor) -> Tensor:
+    """Every per-image parameter C + D * m [..., P] of op codes / magnitudes [...] (`_PARAMS`)."""
+    t = _consts(code.device).aff[code]  # [..., 2, P]
+    return torch.addcmul(t[..., 0, :], m[..., None], t[..., 1, :])
 
 
-def _colour_round(x: Tensor, plan: _Plan, r: int) -> Tensor:
+def _gray_floor(x: Tensor) -> Tensor:
+    """torchvision's uint8 grayscale before rounding: floor(0.2989 R + 0.587 G + 0.114 B),
+    [B,1,H,W] float, from levels [B,3,H,W] (any dtype)."""
+    return x[:, 0].mul(0.2989).add_(x[:, 1], alpha=0.587).add_(x[:, 2], alpha=0.114).floor_()[:, None]
+
+
+def _colour_round(idx: Tensor, plan: _Plan, r: int, h: int, w: int) -> Tensor:
     """Round r of the colour ops: image i gets its op at its magnitude (geometric codes and
-    identity leave it unchanged). x float [B,3,H,W] holding uint8 levels (0..255 integers); the
-    result is the same kind of batch, each op's result truncated to uint8 as torchvision does."""
-    b, c, h, w = x.shape
-    k = _consts(x.device)
+    identity leave it unchanged). idx: the round's input levels, int64 [B,C,H*W]; returns the
+    result before truncation, float [B,C,H,W]: truncated (floor, or the next round's int64
+    conversion) it is torchvision's uint8 result for magnitudes within RANGES (factors <= 1
+    keep every value within 0..255; the single ops of OP_FNS also clamp)."""
+    b, c, _ = idx.shape
+    k = _consts(idx.device)
     lv = k.levels
-    flat = x.reshape(b, c, h * w)
-    cpu = CPU_FAST_PATHS and x.device.type == "cpu"  # faster equivalents there (same values)
-    idx = flat.int().long() if cpu else flat.long()
+    cpu = CPU_FAST_PATHS and idx.device.type == "cpu"  # faster equivalents there (same values)
 
-    # statistics of the round's input (for every image: static shapes)
-    hist = torch.zeros(b, c, 256, dtype=torch.int32, device=x.device)
-    hist.scatter_add_(2, idx, k.ones_i32.expand(b, c, h * w))
-    if cpu:
-        lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
-    else:
-        lo, hi = torch.aminmax(flat, dim=2, keepdim=True)
-    gray = _gray_floor(x)  # [B,1,H,W]
+    # statistics of the round's input, for every image (static shapes), from one sort: min and
+    # max are its ends, the pixels under each level its insertion points
+    srt = idx.sort(2).values
+    lo, hi = srt[..., :1], srt[..., -1:]
+    below = torch.searchsorted(srt, _level_index(b, c, idx.device))  # [B,C,256]
+    gray = _gray_floor(idx.view(b, c, h, w))  # [B,1,H,W]
     mean = gray.mean((1, 2, 3)).view(b, 1, 1)
 
-    # LUTs that need the statistics (float values; clamp and truncation come at the end); a
-    # channel they leave unchanged is not selected, so it keeps the op's static LUT (identity)
+    # LUTs that need the statistics; each applies where its switch (`_Plan.block_*`) is below
+    # the statistic, i.e. for its own op where torchvision does not leave the channel unchanged
     # autocontrast (torchvision: (v - min) / ((max - min) / 255), unchanged where max == min)
-    auto = (lv - lo).div_((hi - lo).mul_(1.0 / 255))
+    spread = hi - lo
+    auto = (lv - lo).div_(spread * (1.0 / 255))
     # equalize (PIL's LUT as torchvision computes it; unchanged where step == 0): the pixels
-    # below the maximum (all but the last non-empty bin) set the step
-    below = hist.cumsum(2).sub_(hist)  # pixels under each level
-    step = below.gather(2, hi.long()).div_(255, rounding_mode="floor")
-    equal = (below + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
-    # contrast: v * m + (1 - m) * mean, fused like torchvision's _blend (add_ with alpha)
-    contr = torch.addcmul(plan.bright[r][:, None], mean, plan.contrast_alpha[r])
-    lut = torch.where(plan.is_contrast[r], contr, plan.static[r])
-    lut = torch.where(plan.is_auto[r] & (hi != lo), auto, lut)
-    lut = torch.where(plan.is_equal[r] & (step != 0), equal, lut)  # int levels -> float
-    y = lut.expand(b, c, 256).gather(2, idx).view(b, c, h, w)
+    # below the maximum set the step; (below + step // 2) // step, as floor((below + step / 2)
+    # / step) on whole numbers (exact), clamped to 255
+    step = below.gather(2, hi).div(255.0, rounding_mode="floor")
+    equal = torch.add(below, step, alpha=0.5).div_(step.clamp(min=1), rounding_mode="floor")
+    # contrast: v * m + (1 - m) * mean, fused like torchvision's _blend (alpha 0: other ops)
+    lut = torch.addcmul(plan.static[r], mean, plan.alpha_c[r])
+    lut = torch.where(spread > plan.block_auto[r], auto, lut)
+    lut = torch.where(step > plan.block_eq[r], equal.clamp_(max=255), lut)
+    y = lut.gather(2, idx).view(b, c, h, w)
 
-    # blends (factor 1 = an exact identity): color with the gray image, sharpness with the blur;
-    # an image draws one op per round, so one clamp + truncation at the end serves every op
-    out = torch.addcmul(y.mul_(plan.f_col[r]), gray, plan.g_col[r])
+    # blends (factor 1 - m, 0 = an exact identity): color with the gray image (y already holds
+    # v * m), sharpness with the blur (y holds the input: its static LUT is the identity)
+    out = torch.addcmul(y, gray, plan.g_col[r])
     if h > 2 and w > 2:
-        inner = out[:, :, 1:-1, 1:-1]
-        inner.addcmul_(_blur(x, cpu).sub_(inner), plan.g_sh[r])
-    return out.clamp_(0, 255).floor_()  # = truncation to uint8 (floor_ is faster on CPU)
+        out[:, :, 1:-1, 1:-1].addcmul_(_sharp_delta(y, cpu), plan.g_sh[r])
+    return out
 
 
-def _blur(x: Tensor, cpu: bool) -> Tensor:
-    """torchvision's sharpness blur of the interior, rounded: round(3x3 sum / 13 + 4 centre / 13).
-    On integer levels the exact value is never within 1/26 of a half, far above float32 rounding,
-    so this equals rounding torchvision's conv2d with the 1/13, 5/13 kernel. The 3x3 sum (exact):
-    one avg_pool2d kernel, or on CPU, where that is ~15x slower, separable slice sums."""
-    if cpu:
+def _sharp_delta(x: Tensor, cpu: bool) -> Tensor:
+    """torchvision's rounded sharpness blur of the interior minus the interior itself:
+    round(3x3 sum / 13 + 4 centre / 13) - centre = floor((3x3 sum - 9 centre + 6.5) / 13). On
+    integer levels the exact blur is never within 1/26 of a half (13 s + 6.5 is never a multiple
+    of 13), so this equals rounding torchvision's conv2d with the 1/13, 5/13 kernel, whatever
+    the summation order (one convolution with whole weights: exact even in TF32)."""
+    if cpu:  # the convolution is ~15x slower there: separable slice sums (exact)
         rows = x[..., :-2] + x[..., 1:-1]
         rows += x[..., 2:]
         s = rows[:, :, :-2] + rows[:, :, 1:-1]
-        s = s.add_(rows[:, :, 2:]).div_(13)
+        s = s.add_(rows[:, :, 2:]).add_(x[:, :, 1:-1, 1:-1], alpha=-9.0).add_(6.5)
     else:
-        s = F.avg_pool2d(x, 3, stride=1, divisor_override=13)
-    return s.add_(x[:, :, 1:-1, 1:-1], alpha=4 / 13).round_()
+        k = _consts(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            s = F.conv2d(x, k.sharp_w, k.sharp_b, groups=3)
+    return s.div_(13, rounding_mode="floor")
 
 
 def _colour_op(name: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
         _check_u8(x)
-        code = torch.full((1, x.shape[0]), _C[name], dtype=torch.long, device=x.device)
-        plan = _Plan(code, m.to(device=x.device, dtype=torch.float32)[None])
-        return _colour_round(x.float(), plan, 0).to(torch.uint8)
+        b, c, h, w = x.shape
+        code = torch.full((1, b), _C[name], dtype=torch.long, device=x.device)
+        mm = m.to(device=x.device, dtype=torch.float32)[None]
+        if name == "posterize":
+            mm = mm.clamp(0, 8)
+        idx = x.reshape(b, c, h * w).to(torch.long, memory_format=torch.contiguous_format)
+        out = _colour_round(idx, _Plan(code, mm), 0, h, w)
+        return out.clamp_(0, 255).to(torch.uint8)
 
     op.__name__ = name
     return op
@@ -287,19 +320,18 @@ def _colour_op(name: str):
 # --- geometric ops: one affine matrix per image, one grid_sample --------------------------------
 
 
-def _matrices(code: Tensor, m: Tensor, h: int, w: int) -> Tensor:
+def _matrices(p: Tensor, h: int, w: int) -> Tensor:
     """Inverse affine matrices [..., 3, 3] (output pixel -> input pixel, coordinates centred on
-    the image, as torchvision's _get_inverse_affine_matrix) of the geometric op drawn at each
-    position of `code` (identity elsewhere):
+    the image, as torchvision's _get_inverse_affine_matrix) from the geometric magnitudes
+    [..., 5] (`_params`' rotate .. translate_y columns; 0 for the other ops):
     rotate: counter-clockwise by m degrees; shear_x: x_in = x_out + m * y_out about the top-left
     corner; shear_y: y_in = y_out + m * x_out; translate_x / _y: content moves by m * W / m * H.
-    Each entry has one non-zero term, so it equals views.py's per-op matrix exactly."""
-    k = _consts(code.device)
-    p = k.geo_sel[code] * m[..., None]  # [..., 5]: the drawn op's magnitude in its column
+    An image draws one op per round, so each entry has one non-zero term: the matmul is exact
+    and equals views.py's former per-op matrix."""
+    k = _consts(p.device)
     rot = p[..., :1]  # radians
-    v = torch.cat([torch.cos(rot), torch.sin(rot), p[..., 1:]], -1)
-    # one non-zero term per entry (an image draws one op per round): the matmul is exact
-    return (v @ _geo_lin(h, w, code.device)).add_(k.corner).view(*m.shape, 3, 3)
+    v = torch.cat([torch.cos(rot), torch.sin(rot), p[..., 1:], k.one.expand_as(rot)], -1)
+    return (v @ _geo_lin(h, w, p.device)).view(*p.shape[:-1], 3, 3)
 
 
 def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
@@ -321,8 +353,8 @@ def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
 def _geometric_op(name: str):
     def op(x: Tensor, m: Tensor, mode: str = "nearest") -> Tensor:
         code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
-        mm = m.to(device=x.device, dtype=torch.float32)
-        return warp(x, _matrices(code, mm, x.shape[2], x.shape[3])[:, :2], mode)
+        geo = _params(code, m.to(device=x.device, dtype=torch.float32))[:, _P["rotate"]:_P["rotate"] + 5]
+        return warp(x, _matrices(geo, x.shape[2], x.shape[3])[:, :2], mode)
 
     op.__name__ = name
     return op
@@ -368,19 +400,24 @@ def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
 
 def apply_ops_levels(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     """`apply_ops` without the final conversion: float32 holding the uint8 levels (whole numbers
-    0..255, exactly `apply_ops`' values), or x itself when there are no rounds."""
+    0..255, exactly `apply_ops`' values), or x itself when there are no rounds. Magnitudes
+    within RANGES (as `draw_ops` draws them)."""
     _check_u8(x)
-    if code.shape[0] == 0:
+    rounds = code.shape[0]
+    if rounds == 0:
         return x
+    b, c, h, w = x.shape
     plan = _Plan(code, m)
-    xf = x.float()
-    for r in range(code.shape[0]):
-        xf = _colour_round(xf, plan, r)
-    mats = _matrices(code, m, x.shape[2], x.shape[3])  # [R,B,3,3]
+    idx = x.reshape(b, c, h * w).to(torch.long, memory_format=torch.contiguous_format)
+    for r in range(rounds):
+        out = _colour_round(idx, plan, r, h, w)
+        if r + 1 < rounds:
+            idx = out.long().view(b, c, h * w)  # truncation to uint8 (values 0..255)
+    mats = _matrices(plan.geo, h, w)  # [R,B,3,3]
     total = mats[0]
-    for r in range(1, code.shape[0]):
+    for r in range(1, rounds):
         total = total.bmm(mats[r])  # round 0's op applies first: input = T0 T1 ... output
-    return warp(xf, total[:, :2])  # nearest on whole numbers: whole numbers
+    return warp(out.floor_(), total[:, :2])  # nearest on whole numbers: whole numbers
 
 
 def rand_augment(x: Tensor, gen: torch.Generator, n_ops: int, max_ops: int = 0) -> Tensor:

@@ -97,6 +97,7 @@ class Normalize:
         self.constants(canonical)
         self.from_levels(torch.empty(0, 3, 1, 1, device=canonical))  # its constants
         _ARANGE.clear()  # the crops' index tables: rebuilt on the device at their first use
+        _CROP.clear()
         return self
 
     def constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -159,9 +160,17 @@ def draw_flip_crop(gen: torch.Generator, b: int, flip: bool, pad: int,
 
 
 def apply_flip_pad_crop(x: Tensor, f: Tensor | None, off: Tensor | None, pad: int,
-                        mode: str) -> Tensor:
-    """`flip_pad_crop` with its draws given (from `draw_flip_crop`)."""
-    b, _, h, w = x.shape
+                        mode: str, u: Tensor | None = None) -> Tensor:
+    """`flip_pad_crop` with its draws given (from `draw_flip_crop`). `u`: the one [3B] draw that
+    f and off view (flip and pad both on): with reflect padding the result is then gathered in
+    one pass through a per-size table of source pixels (`_crop_table`), same values."""
+    b, c, h, w = x.shape
+    table = None if u is None or mode != "reflect" else _crop_table(h, w, pad, x.device)
+    if table is not None:
+        key = (u * _crop_scale(b, pad, x.device)).long()  # flip: floor(2 f) = 0 below 0.5
+        o = key[b:].view(b, 2)
+        src = table[key[:b], o[:, 0], o[:, 1]]  # [B, H*W]
+        return x.reshape(b, c, h * w).gather(2, src[:, None].expand(b, c, h * w)).view(b, c, h, w)
     if f is not None:
         x = torch.where((f < 0.5)[:, None, None, None], x.flip(3), x)
     if off is not None and pad > 0:
@@ -179,6 +188,57 @@ def flip_pad_crop(x: Tensor, gen: torch.Generator, flip: bool, pad: int, mode: s
     draws from `gen` on x's device: B flip uniforms, then [B, 2] crop offset uniforms)."""
     f, off = draw_flip_crop(gen, x.shape[0], flip, pad, x.device)
     return apply_flip_pad_crop(x, f, off, pad, mode)
+
+
+def _draw_flip_crop_u(gen: torch.Generator, b: int, flip: bool, pad: int,
+                      device: torch.device) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """`draw_flip_crop`'s draws and, with flip and pad, the [3B] draw they view (for the table)."""
+    if flip and pad > 0:
+        u = _rand(gen, 3 * b, device=device)
+        return u[:b], u[b:].view(b, 2), u
+    return (*draw_flip_crop(gen, b, flip, pad, device), None)
+
+
+_CROP: dict[tuple, Tensor | None] = {}
+_CROP_ENTRIES = 1 << 22  # the largest table kept (int64 entries: 32 MiB)
+
+
+def _crop_table(h: int, w: int, pad: int, device: torch.device) -> Tensor | None:
+    """Flip, reflect-pad by `pad` and crop at every offset, as source pixels: [2, P, P, H*W]
+    int64 (P = 2 pad + 1) indexed by floor(2 f) (0: flipped), row offset, column offset; the
+    flat index of the input pixel each output pixel copies. Built once per size on the device
+    (no copy); None when it would be large or the padding exceeds the image (reflect refuses)."""
+    key = (h, w, pad, device)
+    if key not in _CROP:
+        if len(_CROP) > 256:
+            _CROP.clear()
+        n = 2 * pad + 1
+        if 2 * n * n * h * w > _CROP_ENTRIES or pad >= min(h, w):
+            _CROP[key] = None
+        else:
+            def reflect(q: Tensor, size: int) -> Tensor:  # torch's "reflect" (edge not repeated)
+                q = q.abs()
+                return torch.where(q >= size, 2 * (size - 1) - q, q)
+
+            o = torch.arange(n, device=device)[:, None] - pad
+            rows = reflect(o + torch.arange(h, device=device), h)  # [P, H]
+            cols = reflect(o + torch.arange(w, device=device), w)  # [P, W]
+            cols = torch.stack([w - 1 - cols, cols])  # flipped first: column w - 1 - c
+            table = rows[None, :, None, :, None] * w + cols[:, None, :, None, :]
+            _CROP[key] = table.reshape(2, n, n, h * w)
+    return _CROP[key]
+
+
+def _crop_scale(b: int, pad: int, device: torch.device) -> Tensor:
+    """[3B]: 2 for the flip uniforms, 2 pad + 1 for the offset uniforms (table keys)."""
+    key = ("scale", b, pad, device)
+    got = _CROP.get(key)
+    if got is None:
+        if len(_CROP) > 256:
+            _CROP.clear()
+        got = _CROP[key] = torch.full((3 * b,), float(2 * pad + 1), device=device)
+        got[:b] = 2.0
+    return got
 
 
 _ARANGE: dict[tuple[int, torch.device], Tensor] = {}
@@ -203,10 +263,11 @@ class WeakView(Drawn, Normalize):
         self.p = params
 
     def draw(self, b: int, gen: torch.Generator, device: torch.device) -> tuple:
-        return draw_flip_crop(gen, b, self.p.flip, self.p.pad, device)
+        return _draw_flip_crop_u(gen, b, self.p.flip, self.p.pad, device)
 
     def apply(self, x: Tensor, draws: tuple) -> Tensor:
-        x = apply_flip_pad_crop(x, *draws, self.p.pad, self.p.padding_mode)  # on uint8
+        f, off, u = draws
+        x = apply_flip_pad_crop(x, f, off, self.p.pad, self.p.padding_mode, u)  # on uint8
         return self.from_levels(x)
 
 
@@ -286,15 +347,15 @@ class StrongView(Drawn, Normalize):
             u = _rand(gen, 3 * b + 2 * r * b + (3 * b if p.cutout > 0 else 0), device=device)
             ops = augment.ops_from_uniforms(u[3 * b:3 * b + 2 * r * b].view(r, 2, b))
             cut = u[3 * b + 2 * r * b:].view(b, 3) if p.cutout > 0 else None
-            return (u[:b], u[b:3 * b].view(b, 2), *ops, cut)
-        fc = draw_flip_crop(gen, b, p.flip, p.pad, device)
+            return (u[:b], u[b:3 * b].view(b, 2), u[:3 * b], *ops, cut)
+        fc = _draw_flip_crop_u(gen, b, p.flip, p.pad, device)
         ops = augment.draw_ops(gen, b, p.n_ops, p.max_ops, device)
         cut = _rand(gen, b, 3, device=device) if p.cutout > 0 else None
         return (*fc, *ops, cut)
 
     def apply(self, x: Tensor, draws: tuple) -> Tensor:
-        f, off, code, m, cut = draws
-        x = apply_flip_pad_crop(x, f, off, self.p.pad, "reflect")  # on uint8
+        f, off, u, code, m, cut = draws
+        x = apply_flip_pad_crop(x, f, off, self.p.pad, "reflect", u)  # on uint8
         x = augment.apply_ops_levels(x, code, m)  # float levels (or x when no ops)
         if cut is not None:
             x = augment.apply_cutout(x if x.is_floating_point() else x.float(), cut,
