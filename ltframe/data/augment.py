@@ -297,8 +297,9 @@ def _stats(idx: Tensor, small: Tensor, cpu: bool) -> tuple[Tensor, Tensor, Tenso
     its cumulative sum and min / max (the same values)."""
     b, c, n = idx.shape
     if cpu:
-        hist = torch.zeros(b, c, 257, dtype=torch.int32)
-        hist[..., 1:].scatter_add_(2, idx, torch.ones(1, dtype=torch.int32).expand(b, c, n))
+        hist = torch.zeros(b, c, 257, dtype=torch.int32, device=idx.device)
+        ones = torch.ones(1, dtype=torch.int32, device=idx.device).expand(b, c, n)
+        hist[..., 1:].scatter_add_(2, idx, ones)
         lo, hi = small.amin(2, keepdim=True).long(), small.amax(2, keepdim=True).long()
         return lo, hi, hist.cumsum_(2)[..., :256]
     srt = idx.sort(2).values
