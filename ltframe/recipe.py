@@ -52,7 +52,7 @@ class RunCfg:
     # minutes between checkpoints, taken at the first log step or epoch end after they pass
     # (0: at the end of every epoch); stage ends always checkpoint. Written on a background thread
     checkpoint_minutes: float = param(10.0, ge=0, le=10**6)
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # model and batches channels-last (CUDA and CPU)
     # experiment trackers fed by the event hooks, e.g. [{ name = "tensorboard" }] (`logger` kind)
     loggers: list[ComponentSpec] = _c("logger", factory=list)
     # torch.compile mode of the training step; "off" = eager

@@ -357,7 +357,8 @@ class _PoisonWeights:
     def ltframe_step_end(self, run, stage, step, ctx):
         if step == 0:
             with torch.no_grad():
-                next(run.model.backbone.parameters()).view(-1)[0] = float("nan")
+                p = next(run.model.backbone.parameters())  # a conv weight (may be channels-last)
+                p[(0,) * p.dim()] = float("nan")
 
 
 def test_nonfinite_loss_without_a_checkpoint_does_not_advise_resume(tmp_path):

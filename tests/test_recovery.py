@@ -123,7 +123,8 @@ class _PoisonWeights:
     def ltframe_step_end(self, run, stage, step, ctx):
         if step + 1 == self.n:
             with torch.no_grad():
-                next(run.model.backbone.parameters()).view(-1)[0] = float("nan")
+                p = next(run.model.backbone.parameters())  # a conv weight (may be channels-last)
+                p[(0,) * p.dim()] = float("nan")
 
 
 def test_nonfinite_weights_are_never_checkpointed_and_resume_continues(tmp_path):

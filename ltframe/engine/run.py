@@ -22,6 +22,7 @@ from ltframe.engine.preflight import plans_source, preflight
 from ltframe.engine.report import Reporter
 from ltframe.engine.runlock import LOCK_FILE, RunLock, clean_tmp
 from ltframe.engine.setup import (
+    CHANNELS_LAST_DEVICES,
     build_data,
     build_model,
     check_out_dir,
@@ -78,7 +79,7 @@ def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Pat
     data = build_data(recipe, registry, device, smoke)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, registry, data.num_classes).to(device)
-    if device.type == "cuda" and recipe.run.channels_last:
+    if device.type in CHANNELS_LAST_DEVICES and recipe.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return Run(recipe, pm, registry, run_dir, device, data, model, smoke, info.rank,
                info.world_size)

@@ -33,7 +33,7 @@ from ltframe.engine.labelling import SMOKE_POOL, check_offline, label_pool, pool
 from ltframe.engine.param_groups import param_groups
 from ltframe.engine.preflight import check_plan_data, unlabeled_pool
 from ltframe.engine.report import Reporter
-from ltframe.engine.setup import set_cudnn_benchmark
+from ltframe.engine.setup import CHANNELS_LAST_DEVICES, set_cudnn_benchmark
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
 from ltframe.engine.targets import TargetTable
@@ -57,7 +57,8 @@ class Trainer:
         self.device = run.device
         self.cuda = self.device.type == "cuda"
         self.autocast = self.cuda and self.recipe.run.precision == "bf16"
-        self.channels_last = self.cuda and self.recipe.run.channels_last
+        self.channels_last = (self.device.type in CHANNELS_LAST_DEVICES
+                              and self.recipe.run.channels_last)
         self.dist = dist.info()
         set_cudnn_benchmark(self.device, self.recipe.run.cudnn_benchmark)  # CUDA only
         self.find_unused: bool | None = None  # DDP's find_unused_parameters of the stage
