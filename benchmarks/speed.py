@@ -402,9 +402,9 @@ def op_counts(workload: str) -> dict[str, float]:
 
 
 def compiled_view_kernels(batch: int = 8) -> dict[str, int]:
-    """Kernels inductor generates (CPU) for FixMatch's views compiled alone (`strong` n_ops 2
-    with Cutout, `weak`): what the augmentation costs inside the compiled step (`run.compile`),
-    to set beside the eager counts of `op_counts`. Takes about a minute on a CPU."""
+    """Kernels inductor generates (CPU, CUDA's code path) for FixMatch's views compiled alone
+    (`strong` n_ops 2 with Cutout, `weak`): what the augmentation costs inside the compiled
+    step (`run.compile`), beside the eager counts of `op_counts`. About a minute on a CPU."""
     from torch._inductor import metrics
 
     from ltframe.data import views
@@ -412,15 +412,19 @@ def compiled_view_kernels(batch: int = 8) -> dict[str, int]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
     out = {}
-    for name, view in (("strong", views.StrongView(views.StrongParams(n_ops=2), (0.5,) * 3, (0.25,) * 3)),
-                       ("weak", views.WeakView(views.WeakParams(), (0.5,) * 3, (0.25,) * 3))):
-        view.to("cpu")
-        draws = view.draw(batch, gen, x.device)
-        torch._dynamo.reset()
-        metrics.reset()
-        got = torch.compile(view.apply, fullgraph=True)(x, draws)
-        assert torch.allclose(got, view.apply(x, draws), atol=1e-4)
-        out[name] = metrics.generated_kernel_count
+    fast, augment.CPU_FAST_PATHS = augment.CPU_FAST_PATHS, False  # CUDA's code path
+    try:
+        for name, view in (("strong", views.StrongView(views.StrongParams(n_ops=2), (0.5,) * 3, (0.25,) * 3)),
+                           ("weak", views.WeakView(views.WeakParams(), (0.5,) * 3, (0.25,) * 3))):
+            view.to("cpu")
+            draws = view.draw(batch, gen, x.device)
+            torch._dynamo.reset()
+            metrics.reset()
+            got = torch.compile(view.apply, fullgraph=True)(x, draws)
+            assert torch.allclose(got, view.apply(x, draws), atol=1e-4)
+            out[name] = metrics.generated_kernel_count
+    finally:
+        augment.CPU_FAST_PATHS = fast
     return out
 
 
