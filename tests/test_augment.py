@@ -368,3 +368,24 @@ def test_strong_view_runs_on_this_module():
         assert torch.equal(view(x, g_view), out)
         assert torch.equal(g_view.get_state(), g_new.get_state())
         assert out.shape == x.shape and out.min() >= -2 - 1e-6 and out.max() <= 2 + 1e-6
+
+
+def test_rounds_clamp_beyond_the_drawn_ranges_and_equalize_is_exact_for_huge_channels(monkeypatch):
+    """apply_ops with magnitudes outside RANGES (enhance factors > 1, posterize beyond 8 bits)
+    clamps each round as torchvision's uint8 ops do; equalize's int64 path (channels of 2^23+
+    pixels) gives the float path's LUT."""
+    x = U8
+    ops = [("brightness", 1.6), ("contrast", 1.9), ("posterize", 9.0), ("color", 1.7)]
+    out = _apply(x, ops)
+    ref = torch.stack([TF.adjust_saturation(TF.posterize(TF.adjust_contrast(
+        TF.adjust_brightness(img, _f32(1.6)), _f32(1.9)), 8), _f32(1.7)) for img in x])
+    assert torch.equal(out, ref)
+    u8 = _batch(16)
+    pairs = [[(name, 0.0), ("equalize", 0.0)] for name in ("equalize", "autocontrast")]
+    want = [_apply(u8, ops) for ops in pairs]
+    monkeypatch.setattr(A, "EQUALIZE_FLOAT_PIXELS", 1)
+    assert all(torch.equal(_apply(u8, ops), w) for ops, w in zip(pairs, want, strict=True))
+
+
+def _f32(m: float) -> float:
+    return float(torch.tensor(m, dtype=torch.float32))

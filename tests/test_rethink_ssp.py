@@ -101,6 +101,35 @@ def test_ssp_stage_then_downstream_from_the_pretrained_backbone(tmp_path, pretex
             assert torch.equal(pre[k], post[k])
 
 
+def test_rotate_view_rotates_when_its_draws_are_applied_apart(registry):
+    """Under `run.compile` the trainer draws eagerly and applies inside the compiled step
+    (`draw` / `apply`): the rotation is part of `apply`, so both paths give the same batch."""
+    from ltframe.data.views import deferrable
+
+    view = registry.build("rotate", kind="view", mean=(0, 0, 0), std=(1, 1, 1))
+    assert deferrable(view)
+    x = torch.randint(0, 255, (8, 3, 8, 8), dtype=torch.uint8)
+    whole = view(x, torch.Generator().manual_seed(3))
+    apart = view.apply(x, view.draw(8, torch.Generator().manual_seed(3), x.device))
+    assert torch.equal(whole, apart)
+    plain = registry.build(registry.spec("view", {"name": "rotate", "flip": False, "pad": 0}, "v"),
+                           mean=(0, 0, 0), std=(1, 1, 1))
+    out = plain.apply(x, plain.draw(8, torch.Generator(), x.device))
+    assert torch.allclose(out[1], torch.rot90(x[1].float() / 255, 1, dims=(1, 2)), atol=1e-6)
+
+
+def test_a_view_that_overrides_call_is_never_deferred():
+    from ltframe.data.views import WeakParams, WeakView, deferrable
+
+    class Wrapped(WeakView):
+        def __call__(self, x, gen=None):
+            return super().__call__(x, gen).flip(2)
+
+    assert deferrable(WeakView(WeakParams(), (0,) * 3, (1,) * 3))
+    assert not deferrable(Wrapped(WeakParams(), (0,) * 3, (1,) * 3))
+    assert not deferrable(object())
+
+
 def test_rotate_view_pads_with_zeros_like_the_ssp_reference(registry):
     # imbalanced-semi-self pretrain_rot.py: RandomCrop(32, padding=4) pads with 0 (black) before
     # ToTensor/Normalize. A constant-255 image shifted by the crop shows 0 on the padded border.

@@ -88,6 +88,8 @@ CPU_FAST_PATHS = True
 _PARAMS = ("thr", "scale", "row", "alpha_c", "g_col", "g_sh", *GEOMETRIC, "block_auto", "block_eq")
 _P = {name: i for i, name in enumerate(_PARAMS)}
 _NEVER = 1e9  # a threshold no level or statistic reaches
+#: equalize's LUT in float32 (fewer launches) below this many pixels per channel, else in int64
+EQUALIZE_FLOAT_PIXELS = 1 << 23
 
 
 class _Consts:
@@ -216,7 +218,7 @@ class _Plan:
     def __init__(self, code: Tensor, m: Tensor) -> None:
         k = _consts(code.device)
         a = _params(code, m)  # [R,B,P]
-        base = k.poster[a[..., _P["row"]].long()].mul_(a[..., _P["scale"], None])
+        base = k.poster[a[..., _P["row"]].long().clamp_(0, 8)].mul_(a[..., _P["scale"], None])
         static = torch.where(k.levels >= a[..., _P["thr"], None], k.inverted, base)
         self.static = static[:, :, None]  # [R,B,1,256]
         col = {name: a[..., _P[name]] for name in _PARAMS}
@@ -242,10 +244,9 @@ def _gray_floor(x: Tensor) -> Tensor:
 
 def _colour_round(idx: Tensor, small: Tensor, plan: _Plan, r: int, h: int, w: int) -> Tensor:
     """Round r of the colour ops: image i gets its op at its magnitude (geometric codes and
-    identity leave it unchanged). idx, small: the round's input levels [B,C,H*W] (`_index`); returns the
-    result before truncation, float [B,C,H,W]: truncated (floor, or the next round's int64
-    conversion) it is torchvision's uint8 result for magnitudes within RANGES (factors <= 1
-    keep every value within 0..255; the single ops of OP_FNS also clamp)."""
+    identity leave it unchanged). idx, small: the round's input levels [B,C,H*W] (`_index`);
+    returns the result clamped to 0..255 before truncation, float [B,C,H,W]: truncated (floor,
+    or the next round's int64 conversion) it is torchvision's uint8 result."""
     b, c, _ = idx.shape
     k = _consts(idx.device)
     lv = k.levels
@@ -262,13 +263,17 @@ def _colour_round(idx: Tensor, small: Tensor, plan: _Plan, r: int, h: int, w: in
     auto = (lv - lo).div_(spread * (1.0 / 255))
     # equalize (PIL's LUT as torchvision computes it; unchanged where step == 0): the pixels
     # below the maximum set the step; (below + step // 2) // step, as floor((below + step / 2)
-    # / step) on whole numbers (exact), clamped to 255
-    step = below.gather(2, hi).div(255.0, rounding_mode="floor")
-    equal = torch.add(below, step, alpha=0.5).div_(step.clamp(min=1), rounding_mode="floor")
+    # / step) on whole numbers (exact); clamped to 255 with the round's result
+    if idx.shape[2] < EQUALIZE_FLOAT_PIXELS:  # whole numbers (and halves) exact in float32
+        step = below.gather(2, hi).div(255.0, rounding_mode="floor")
+        equal = torch.add(below, step, alpha=0.5).div_(step.clamp(min=1), rounding_mode="floor")
+    else:  # huge channels: the same in int64
+        step = below.gather(2, hi).div(255, rounding_mode="floor")
+        equal = (below + step // 2).div_(step.clamp(min=1), rounding_mode="floor")
     # contrast: v * m + (1 - m) * mean, fused like torchvision's _blend (alpha 0: other ops)
     lut = torch.addcmul(plan.static[r], mean, plan.alpha_c[r])
     lut = torch.where(spread > plan.block_auto[r], auto, lut)
-    lut = torch.where(step > plan.block_eq[r], equal.clamp_(max=255), lut)
+    lut = torch.where(step > plan.block_eq[r], equal, lut)
     y = lut.gather(2, idx).view(b, c, h, w)
 
     # blends (factor 1 - m, 0 = an exact identity): color with the gray image (y already holds
@@ -276,7 +281,7 @@ def _colour_round(idx: Tensor, small: Tensor, plan: _Plan, r: int, h: int, w: in
     out = torch.addcmul(y, gray, plan.g_col[r])
     if h > 2 and w > 2:
         out[:, :, 1:-1, 1:-1].addcmul_(_sharp_delta(y, cpu), plan.g_sh[r])
-    return out
+    return out.clamp_(0, 255)  # as torchvision's uint8 ops (and equalize's LUT) clamp
 
 
 def _index(levels: Tensor, cpu: bool) -> tuple[Tensor, Tensor]:
@@ -302,7 +307,7 @@ def _stats(idx: Tensor, small: Tensor, cpu: bool) -> tuple[Tensor, Tensor, Tenso
         hist[..., 1:].scatter_add_(2, idx, ones)
         lo, hi = small.amin(2, keepdim=True).long(), small.amax(2, keepdim=True).long()
         return lo, hi, hist.cumsum_(2)[..., :256]
-    srt = idx.sort(2).values
+    srt = idx.sort(2).values.contiguous()  # (already contiguous in eager; inductor may differ)
     return srt[..., :1], srt[..., -1:], torch.searchsorted(srt, _level_index(b, c, idx.device))
 
 
@@ -331,11 +336,8 @@ def _colour_op(name: str):
         b, c, h, w = x.shape
         code = torch.full((1, b), _C[name], dtype=torch.long, device=x.device)
         mm = m.to(device=x.device, dtype=torch.float32)[None]
-        if name == "posterize":
-            mm = mm.clamp(0, 8)
         idx, small = _index(x.reshape(b, c, h * w), CPU_FAST_PATHS and x.device.type == "cpu")
-        out = _colour_round(idx, small, _Plan(code, mm), 0, h, w)
-        return out.clamp_(0, 255).to(torch.uint8)
+        return _colour_round(idx, small, _Plan(code, mm), 0, h, w).to(torch.uint8)
 
     op.__name__ = name
     return op
@@ -424,8 +426,7 @@ def apply_ops(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
 
 def apply_ops_levels(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     """`apply_ops` without the final conversion: float32 holding the uint8 levels (whole numbers
-    0..255, exactly `apply_ops`' values), or x itself when there are no rounds. Magnitudes
-    within RANGES (as `draw_ops` draws them)."""
+    0..255, exactly `apply_ops`' values), or x itself when there are no rounds."""
     _check_u8(x)
     rounds = code.shape[0]
     if rounds == 0:

@@ -79,6 +79,12 @@ class Drawn:
         return self.apply(x, self.draw(x.shape[0], gen, x.device))
 
 
+def deferrable(view: object) -> bool:
+    """`view` draws apart from its work (`Drawn`) and does all of it in `apply`: a subclass
+    that overrides `__call__` (work outside `apply`) is applied whole, never deferred."""
+    return isinstance(view, Drawn) and type(view).__call__ is Drawn.__call__
+
+
 class Normalize:
     """uint8 -> float, per-source mean/std normalisation (constants cached per device).
     `from_levels` normalises uint8 (or float levels 0..255) in one kernel:

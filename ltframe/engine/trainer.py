@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ltframe.config import refs
 from ltframe.data.samplers import BatchStream
-from ltframe.data.views import Drawn, elsewhere
+from ltframe.data.views import deferrable, elsewhere
 from ltframe.engine import checkpoint as ckpt
 from ltframe.engine import dist
 from ltframe.engine.ckpt_writer import CheckpointWriter
@@ -246,7 +246,7 @@ class Trainer:
     def _gather_inputs(self, st: Stage, defer: bool = False) -> tuple[list, dict[str, str], dict]:
         """Next batch of every stream through every view: (entries (part, view, images, draws),
         aliases, {targets, weights, soft_targets, indices}). Views are applied here (entries'
-        view None), or with `defer` a view that draws apart (`Drawn`) only draws here and
+        view None), or with `defer` a view that draws apart (`deferrable`) only draws here and
         `_view_inputs` applies it inside the (compiled) step."""
         entries: list[tuple[str, Any, Tensor, Any]] = []
         aliases: dict[str, str] = {}
@@ -277,7 +277,7 @@ class Trainer:
                 part = f"{split}:{vname}"
                 part = part if part not in taken else f"{part}#{j}"
                 taken.add(part)
-                if defer and isinstance(view, Drawn) and not elsewhere(self.aug_gen, x):
+                if defer and deferrable(view) and not elsewhere(self.aug_gen, x):
                     entries.append((part, view, x, view.draw(x.shape[0], self.aug_gen, x.device)))
                 else:
                     entries.append((part, None, view(x, self.aug_gen), None))
@@ -286,7 +286,8 @@ class Trainer:
         return entries, aliases, out
 
     def _view_inputs(self, entries: list) -> tuple[Tensor, dict[str, int]]:
-        """Apply the deferred views; all parts concatenated (channels-last on CUDA) + sizes."""
+        """Apply the deferred views; all parts concatenated (channels-last with
+        `run.channels_last`) + sizes."""
         inputs = [x if view is None else view.apply(x, draws) for _, view, x, draws in entries]
         sizes = {e[0]: xi.shape[0] for e, xi in zip(entries, inputs, strict=True)}
         x_all = torch.cat(inputs)

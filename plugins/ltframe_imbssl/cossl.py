@@ -73,6 +73,7 @@ from ltframe.data.samplers import BatchStream
 from ltframe.engine import dist
 from ltframe.engine.context import PseudoLabels, StepContext
 from ltframe.engine.forward import forward_no_grad
+from ltframe.engine.setup import CHANNELS_LAST_DEVICES
 from ltframe.errors import LtframeError, RecipeError
 from ltframe.registry import Registry
 from ltframe_imbssl.prior import require_unlabeled
@@ -319,7 +320,8 @@ class CosslLabeler:
             self.views[field] = view
         cuda = self.device.type == "cuda"
         self.autocast = cuda and run.recipe.run.precision == "bf16"
-        self.channels_last = cuda and run.recipe.run.channels_last
+        self.channels_last = (self.device.type in CHANNELS_LAST_DEVICES
+                              and run.recipe.run.channels_last)
         batch = p.batch_size or cfg.batch_size or run.recipe.data.batch_size
         self.batch = min(batch, SMOKE_BATCH) if run.smoke else batch
         reg, c = run.registry, self.num_classes

@@ -48,8 +48,8 @@ class RotateView(WeakView):
     """Weak augmentation (flip + pad-crop, zero padding by default), then rotation by
     (batch position mod 4) * 90 degrees; per-channel normalisation commutes with the rotation."""
 
-    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        return rotate_by_position(super().__call__(x, gen))
+    def apply(self, x: Tensor, draws: tuple) -> Tensor:
+        return rotate_by_position(super().apply(x, draws))
 
 
 @dataclass
