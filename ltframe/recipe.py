@@ -40,6 +40,11 @@ MAX_BATCH = 2**20
 MAX_DEPTH = 32
 
 
+#: device types whose model and batches go channels-last under `run.channels_last` (on a 2-core
+#: CPU, ResNet-32 / WRN-28-2 steps are ~25% faster channels-last than NCHW; tensor cores on CUDA)
+CHANNELS_LAST_DEVICES = ("cuda", "cpu")
+
+
 @dataclass
 class RunCfg:
     name: str = "run"
@@ -52,7 +57,7 @@ class RunCfg:
     # minutes between checkpoints, taken at the first log step or epoch end after they pass
     # (0: at the end of every epoch); stage ends always checkpoint. Written on a background thread
     checkpoint_minutes: float = param(10.0, ge=0, le=10**6)
-    channels_last: bool = True  # model and batches channels-last (CUDA and CPU)
+    channels_last: bool = True  # model and batches channels-last (CHANNELS_LAST_DEVICES)
     # experiment trackers fed by the event hooks, e.g. [{ name = "tensorboard" }] (`logger` kind)
     loggers: list[ComponentSpec] = _c("logger", factory=list)
     # torch.compile mode of the training step; "off" = eager

@@ -22,7 +22,6 @@ from ltframe.engine.preflight import plans_source, preflight
 from ltframe.engine.report import Reporter
 from ltframe.engine.runlock import LOCK_FILE, RunLock, clean_tmp
 from ltframe.engine.setup import (
-    CHANNELS_LAST_DEVICES,
     build_data,
     build_model,
     check_out_dir,
@@ -44,7 +43,14 @@ from ltframe.models import LTModel
 from ltframe.models.weights import apply_start_weights, check_start_weights, describe_weights
 from ltframe.plugins import PluginManager, _entry_points, make_plugin_manager, plugin_versions
 from ltframe.predict import source_info
-from ltframe.recipe import Recipe, apply_overrides, build_recipe, load_recipe, read_toml
+from ltframe.recipe import (
+    CHANNELS_LAST_DEVICES,
+    Recipe,
+    apply_overrides,
+    build_recipe,
+    load_recipe,
+    read_toml,
+)
 from ltframe.registry import Registry
 
 

@@ -157,8 +157,3 @@ def build_model(recipe: Recipe, registry: Registry, num_classes: int) -> LTModel
         for name, spec in recipe.model.heads.items()
     }
     return LTModel(backbone, heads)
-
-
-#: device types whose model and batches go channels-last under `run.channels_last` (on a 2-core
-#: CPU, ResNet-32 / WRN-28-2 steps are ~25% faster channels-last than NCHW; tensor cores on CUDA)
-CHANNELS_LAST_DEVICES = ("cuda", "cpu")

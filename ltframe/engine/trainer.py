@@ -33,7 +33,7 @@ from ltframe.engine.labelling import SMOKE_POOL, check_offline, label_pool, pool
 from ltframe.engine.param_groups import param_groups
 from ltframe.engine.preflight import check_plan_data, unlabeled_pool
 from ltframe.engine.report import Reporter
-from ltframe.engine.setup import CHANNELS_LAST_DEVICES, set_cudnn_benchmark
+from ltframe.engine.setup import set_cudnn_benchmark
 from ltframe.engine.stage_state import Accumulators, Stage
 from ltframe.engine.stages import StagePlan
 from ltframe.engine.targets import TargetTable
@@ -41,6 +41,7 @@ from ltframe.errors import LtframeError, NonFiniteLossError, PeerDiedError, Reci
 from ltframe.eval.evaluate import adjust_logits, evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
+from ltframe.recipe import CHANNELS_LAST_DEVICES
 
 SMOKE_BATCH = 16
 

@@ -73,8 +73,8 @@ from ltframe.data.samplers import BatchStream
 from ltframe.engine import dist
 from ltframe.engine.context import PseudoLabels, StepContext
 from ltframe.engine.forward import forward_no_grad
-from ltframe.engine.setup import CHANNELS_LAST_DEVICES
 from ltframe.errors import LtframeError, RecipeError
+from ltframe.recipe import CHANNELS_LAST_DEVICES
 from ltframe.registry import Registry
 from ltframe_imbssl.prior import require_unlabeled
 
