@@ -102,8 +102,7 @@ class Normalize:
         canonical = torch.empty(0, device=device).device  # cuda -> cuda:<i>
         self.constants(canonical)
         self.from_levels(torch.empty(0, 3, 1, 1, device=canonical))  # its constants
-        _ARANGE.clear()  # the crops' index tables: rebuilt on the device at their first use
-        _CROP.clear()
+        _CACHE.clear()  # the crops' index tables: rebuilt on the device at their first use
         return self
 
     def constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -157,12 +156,7 @@ def draw_flip_crop(gen: torch.Generator, b: int, flip: bool, pad: int,
                    device: torch.device) -> tuple[Tensor | None, Tensor | None]:
     """`flip_pad_crop`'s draws: B flip uniforms, then [B, 2] crop offset uniforms (one draw of
     3B when both: on a CPU generator the same numbers as two)."""
-    if flip and pad > 0:
-        u = _rand(gen, 3 * b, device=device)
-        return u[:b], u[b:].view(b, 2)
-    f = _rand(gen, b, device=device) if flip else None
-    off = _rand(gen, b, 2, device=device) if pad > 0 else None
-    return f, off
+    return _draw_flip_crop_u(gen, b, flip, pad, device)[:2]
 
 
 def apply_flip_pad_crop(x: Tensor, f: Tensor | None, off: Tensor | None, pad: int,
@@ -200,13 +194,34 @@ def _draw_flip_crop_u(gen: torch.Generator, b: int, flip: bool, pad: int,
                       device: torch.device) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """`draw_flip_crop`'s draws and, with flip and pad, the [3B] draw they view (for the table)."""
     if flip and pad > 0:
-        u = _rand(gen, 3 * b, device=device)
-        return u[:b], u[b:].view(b, 2), u
-    return (*draw_flip_crop(gen, b, flip, pad, device), None)
+        return _split_flip_crop(_rand(gen, 3 * b, device=device), b)
+    f = _rand(gen, b, device=device) if flip else None
+    off = _rand(gen, b, 2, device=device) if pad > 0 else None
+    return f, off, None
 
 
-_CROP: dict[tuple, Tensor | None] = {}
-_CROP_ENTRIES = 1 << 22  # the largest table kept (int64 entries: 32 MiB)
+def _split_flip_crop(u: Tensor, b: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The flip uniforms [B], crop offset uniforms [B, 2] and the [3B] draw u they view."""
+    return u[:b], u[b:3 * b].view(b, 2), u[:3 * b]
+
+
+_CACHE: dict[tuple, Tensor | None] = {}
+_CROP_ENTRIES = 1 << 22  # the largest source table kept (int64 entries: 32 MiB)
+
+
+def _cached(key: tuple, build) -> Tensor | None:
+    """`build()` once per key (index tables of the crops, made on their device: no copy); the
+    cache is emptied when it grows past 256 entries and at stage set-up (`Normalize.to`)."""
+    if key not in _CACHE:
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def _arange(n: int, device: torch.device) -> Tensor:
+    """arange(n) on `device`, built once (index tables of the crops)."""
+    return _cached(("arange", n, device), lambda: torch.arange(n, device=device))
 
 
 def _crop_table(h: int, w: int, pad: int, device: torch.device) -> Tensor | None:
@@ -214,51 +229,33 @@ def _crop_table(h: int, w: int, pad: int, device: torch.device) -> Tensor | None
     int64 (P = 2 pad + 1) indexed by floor(2 f) (0: flipped), row offset, column offset; the
     flat index of the input pixel each output pixel copies. Built once per size on the device
     (no copy); None when it would be large or the padding exceeds the image (reflect refuses)."""
-    key = (h, w, pad, device)
-    if key not in _CROP:
-        if len(_CROP) > 256:
-            _CROP.clear()
-        n = 2 * pad + 1
-        if 2 * n * n * h * w > _CROP_ENTRIES or pad >= min(h, w):
-            _CROP[key] = None
-        else:
-            def reflect(q: Tensor, size: int) -> Tensor:  # torch's "reflect" (edge not repeated)
-                q = q.abs()
-                return torch.where(q >= size, 2 * (size - 1) - q, q)
+    n = 2 * pad + 1
+    if 2 * n * n * h * w > _CROP_ENTRIES or pad >= min(h, w):
+        return None
 
-            o = torch.arange(n, device=device)[:, None] - pad
-            rows = reflect(o + torch.arange(h, device=device), h)  # [P, H]
-            cols = reflect(o + torch.arange(w, device=device), w)  # [P, W]
-            cols = torch.stack([w - 1 - cols, cols])  # flipped first: column w - 1 - c
-            table = rows[None, :, None, :, None] * w + cols[:, None, :, None, :]
-            _CROP[key] = table.reshape(2, n, n, h * w)
-    return _CROP[key]
+    def reflect(q: Tensor, size: int) -> Tensor:  # torch's "reflect" (edge not repeated)
+        q = q.abs()
+        return torch.where(q >= size, 2 * (size - 1) - q, q)
+
+    def build() -> Tensor:
+        o = torch.arange(n, device=device)[:, None] - pad
+        rows = reflect(o + torch.arange(h, device=device), h)  # [P, H]
+        cols = reflect(o + torch.arange(w, device=device), w)  # [P, W]
+        cols = torch.stack([w - 1 - cols, cols])  # flipped first: column w - 1 - c
+        table = rows[None, :, None, :, None] * w + cols[:, None, :, None, :]
+        return table.reshape(2, n, n, h * w)
+
+    return _cached(("crop", h, w, pad, device), build)
 
 
 def _crop_scale(b: int, pad: int, device: torch.device) -> Tensor:
     """[3B]: 2 for the flip uniforms, 2 pad + 1 for the offset uniforms (table keys)."""
-    key = ("scale", b, pad, device)
-    got = _CROP.get(key)
-    if got is None:
-        if len(_CROP) > 256:
-            _CROP.clear()
-        got = _CROP[key] = torch.full((3 * b,), float(2 * pad + 1), device=device)
-        got[:b] = 2.0
-    return got
+    def build() -> Tensor:
+        scale = torch.full((3 * b,), float(2 * pad + 1), device=device)
+        scale[:b] = 2.0
+        return scale
 
-
-_ARANGE: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _arange(n: int, device: torch.device) -> Tensor:
-    """arange(n) on `device`, built once (index tables of the crops)."""
-    key = (n, device)
-    got = _ARANGE.get(key)
-    if got is None:
-        if len(_ARANGE) > 256:
-            _ARANGE.clear()
-        got = _ARANGE[key] = torch.arange(n, device=device)
-    return got
+    return _cached(("scale", b, pad, device), build)
 
 
 class WeakView(Drawn, Normalize):
@@ -353,7 +350,7 @@ class StrongView(Drawn, Normalize):
             u = _rand(gen, 3 * b + 2 * r * b + (3 * b if p.cutout > 0 else 0), device=device)
             ops = augment.ops_from_uniforms(u[3 * b:3 * b + 2 * r * b].view(r, 2, b))
             cut = u[3 * b + 2 * r * b:].view(b, 3) if p.cutout > 0 else None
-            return (u[:b], u[b:3 * b].view(b, 2), u[:3 * b], *ops, cut)
+            return (*_split_flip_crop(u, b), *ops, cut)
         fc = _draw_flip_crop_u(gen, b, p.flip, p.pad, device)
         ops = augment.draw_ops(gen, b, p.n_ops, p.max_ops, device)
         cut = _rand(gen, b, 3, device=device) if p.cutout > 0 else None
