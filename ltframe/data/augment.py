@@ -87,6 +87,7 @@ CPU_FAST_PATHS = True
 # color and sharpness, the geometric magnitudes, and the autocontrast / equalize switches
 _PARAMS = ("thr", "scale", "row", "alpha_c", "g_col", "g_sh", *GEOMETRIC, "block_auto", "block_eq")
 _P = {name: i for i, name in enumerate(_PARAMS)}
+_GEO = slice(_P[GEOMETRIC[0]], _P[GEOMETRIC[-1]] + 1)  # the geometric magnitudes' columns
 _NEVER = 1e9  # a threshold no level or statistic reaches
 #: equalize's LUT in float32 (fewer launches) below this many pixels per channel, else in int64
 EQUALIZE_FLOAT_PIXELS = 1 << 23
@@ -200,6 +201,11 @@ def _cutout_axes(h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor, 
     return centres, which, size
 
 
+def _fast(x: Tensor) -> bool:
+    """Use the CPU's faster equivalents (same values) for `x`."""
+    return CPU_FAST_PATHS and x.device.type == "cpu"
+
+
 def _check_u8(x: Tensor) -> None:
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
         raise TypeError(f"expected a uint8 [B,3,H,W] batch, got {x.dtype} {tuple(x.shape)}")
@@ -227,7 +233,7 @@ class _Plan:
         self.g_sh = col["g_sh"][..., None, None, None]
         self.block_auto = col["block_auto"][..., None, None]  # [R,B,1,1]
         self.block_eq = col["block_eq"][..., None, None]
-        self.geo = a[..., _P["rotate"]:_P["rotate"] + len(GEOMETRIC)]  # [R,B,5]
+        self.geo = a[..., _GEO]  # [R,B,5]
 
 
 def _params(code: Tensor, m: Tensor) -> Tensor:
@@ -250,7 +256,7 @@ def _colour_round(idx: Tensor, small: Tensor, plan: _Plan, r: int, h: int, w: in
     b, c, _ = idx.shape
     k = _consts(idx.device)
     lv = k.levels
-    cpu = CPU_FAST_PATHS and idx.device.type == "cpu"  # faster equivalents there (same values)
+    cpu = _fast(idx)
 
     lo, hi, below = _stats(idx, small, cpu)
     gray = _gray_floor(idx.view(b, c, h, w))  # [B,1,H,W]
@@ -282,6 +288,18 @@ def _colour_round(idx: Tensor, small: Tensor, plan: _Plan, r: int, h: int, w: in
     if h > 2 and w > 2:
         out[:, :, 1:-1, 1:-1].addcmul_(_sharp_delta(y, cpu), plan.g_sh[r])
     return out.clamp_(0, 255)  # as torchvision's uint8 ops (and equalize's LUT) clamp
+
+
+def _colour_rounds(x: Tensor, plan: _Plan) -> Tensor:
+    """Every round of `plan` on uint8 x [B,C,H,W], each truncated into the next; the last
+    round's result before truncation (float, clamped to 0..255)."""
+    b, c, h, w = x.shape
+    idx, small = _index(x.reshape(b, c, h * w), _fast(x))
+    out = _colour_round(idx, small, plan, 0, h, w)
+    for r in range(1, plan.static.shape[0]):  # each truncated to uint8 (values 0..255)
+        idx, small = _index(out.view(b, c, h * w), _fast(x))
+        out = _colour_round(idx, small, plan, r, h, w)
+    return out
 
 
 def _index(levels: Tensor, cpu: bool) -> tuple[Tensor, Tensor]:
@@ -333,11 +351,9 @@ def _sharp_delta(x: Tensor, cpu: bool) -> Tensor:
 def _colour_op(name: str):
     def op(x: Tensor, m: Tensor) -> Tensor:
         _check_u8(x)
-        b, c, h, w = x.shape
-        code = torch.full((1, b), _C[name], dtype=torch.long, device=x.device)
-        mm = m.to(device=x.device, dtype=torch.float32)[None]
-        idx, small = _index(x.reshape(b, c, h * w), CPU_FAST_PATHS and x.device.type == "cpu")
-        return _colour_round(idx, small, _Plan(code, mm), 0, h, w).to(torch.uint8)
+        code = torch.full((1, x.shape[0]), _C[name], dtype=torch.long, device=x.device)
+        plan = _Plan(code, m.to(device=x.device, dtype=torch.float32)[None])
+        return _colour_rounds(x, plan).to(torch.uint8)
 
     op.__name__ = name
     return op
@@ -379,7 +395,7 @@ def warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
 def _geometric_op(name: str):
     def op(x: Tensor, m: Tensor, mode: str = "nearest") -> Tensor:
         code = torch.full((x.shape[0],), _C[name], dtype=torch.long, device=x.device)
-        geo = _params(code, m.to(device=x.device, dtype=torch.float32))[:, _P["rotate"]:_P["rotate"] + 5]
+        geo = _params(code, m.to(device=x.device, dtype=torch.float32))[:, _GEO]
         return warp(x, _matrices(geo, x.shape[2], x.shape[3])[:, :2], mode)
 
     op.__name__ = name
@@ -431,14 +447,9 @@ def apply_ops_levels(x: Tensor, code: Tensor, m: Tensor) -> Tensor:
     rounds = code.shape[0]
     if rounds == 0:
         return x
-    b, c, h, w = x.shape
+    h, w = x.shape[2:]
     plan = _Plan(code, m)
-    cpu = CPU_FAST_PATHS and x.device.type == "cpu"
-    idx, small = _index(x.reshape(b, c, h * w), cpu)
-    for r in range(rounds):
-        out = _colour_round(idx, small, plan, r, h, w)
-        if r + 1 < rounds:  # truncation to uint8 (values 0..255)
-            idx, small = _index(out.view(b, c, h * w), cpu)
+    out = _colour_rounds(x, plan)
     mats = _matrices(plan.geo, h, w)  # [R,B,3,3]
     total = mats[0]
     for r in range(1, rounds):
