@@ -45,6 +45,11 @@ MAX_DEPTH = 32
 CHANNELS_LAST_DEVICES = ("cuda", "cpu")
 
 
+def channels_last_on(device: Any, run: RunCfg) -> bool:
+    """Model and batches go channels-last on `device` (`run.channels_last`)."""
+    return device.type in CHANNELS_LAST_DEVICES and run.channels_last
+
+
 @dataclass
 class RunCfg:
     name: str = "run"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ltframe.eval.evaluate as ev
-from ltframe import start_run
+from ltframe import hookimpl, start_run
 from ltframe.data.bundle import ImageStore
 from ltframe.engine.setup import set_cudnn_benchmark
 from ltframe.engine.trainer import needs_find_unused
@@ -42,6 +42,33 @@ def test_a_cpu_run_leaves_cudnn_benchmark_alone(tmp_path, monkeypatch):
     assert RunCfg().cudnn_benchmark is True  # the default
     start_run(recipe, out_dir=tmp_path / "runs")
     assert torch.backends.cudnn.benchmark is False
+
+
+# --- channels-last ----------------------------------------------------------------------------
+class _Layouts:
+    """Records the memory layout of the model's first conv weight and of the step's batch."""
+
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def ltframe_step_end(self, run, stage, step, ctx):
+        w = next(p for p in run.model.parameters() if p.dim() == 4)
+        x = next(iter(ctx.inputs_by_part.values()))
+        cl = torch.channels_last
+        self.seen.append((w.is_contiguous(memory_format=cl) and not w.is_contiguous(),
+                          x.is_contiguous(memory_format=cl) and not x.is_contiguous()))
+
+
+def test_channels_last_applies_on_the_cpu_unless_switched_off(tmp_path):
+    """`run.channels_last` (default on) puts the model and the step's batch channels-last on the
+    CPU as on CUDA (faster convolutions there); off, both stay NCHW."""
+    for on in (True, False):
+        layouts = _Layouts()
+        recipe = tiny_recipe(tmp_path / str(on), stage=[{"name": "s", "steps": 1}],
+                             run={"channels_last": on})
+        start_run(recipe, out_dir=tmp_path / str(on) / "runs", plugins=[("layouts", layouts)])
+        assert layouts.seen == [(on, on)]
 
 
 # --- DDP: find_unused_parameters ------------------------------------------------------------

@@ -44,10 +44,10 @@ from ltframe.models.weights import apply_start_weights, check_start_weights, des
 from ltframe.plugins import PluginManager, _entry_points, make_plugin_manager, plugin_versions
 from ltframe.predict import source_info
 from ltframe.recipe import (
-    CHANNELS_LAST_DEVICES,
     Recipe,
     apply_overrides,
     build_recipe,
+    channels_last_on,
     load_recipe,
     read_toml,
 )
@@ -85,7 +85,7 @@ def _prepare(recipe: Recipe, pm: PluginManager, registry: Registry, run_dir: Pat
     data = build_data(recipe, registry, device, smoke)
     torch.manual_seed(recipe.run.seed)
     model = build_model(recipe, registry, data.num_classes).to(device)
-    if device.type in CHANNELS_LAST_DEVICES and recipe.run.channels_last:
+    if channels_last_on(device, recipe.run):
         model = model.to(memory_format=torch.channels_last)
     return Run(recipe, pm, registry, run_dir, device, data, model, smoke, info.rank,
                info.world_size)

@@ -41,7 +41,7 @@ from ltframe.errors import LtframeError, NonFiniteLossError, PeerDiedError, Reci
 from ltframe.eval.evaluate import adjust_logits, evaluate_logits, extract_features, predict
 from ltframe.eval.metrics import pseudo_label_metrics
 from ltframe.eval.record import EvalRecord
-from ltframe.recipe import CHANNELS_LAST_DEVICES
+from ltframe.recipe import channels_last_on
 
 SMOKE_BATCH = 16
 
@@ -58,8 +58,7 @@ class Trainer:
         self.device = run.device
         self.cuda = self.device.type == "cuda"
         self.autocast = self.cuda and self.recipe.run.precision == "bf16"
-        self.channels_last = (self.device.type in CHANNELS_LAST_DEVICES
-                              and self.recipe.run.channels_last)
+        self.channels_last = channels_last_on(self.device, self.recipe.run)
         self.dist = dist.info()
         set_cudnn_benchmark(self.device, self.recipe.run.cudnn_benchmark)  # CUDA only
         self.find_unused: bool | None = None  # DDP's find_unused_parameters of the stage

@@ -74,7 +74,7 @@ from ltframe.engine import dist
 from ltframe.engine.context import PseudoLabels, StepContext
 from ltframe.engine.forward import forward_no_grad
 from ltframe.errors import LtframeError, RecipeError
-from ltframe.recipe import CHANNELS_LAST_DEVICES
+from ltframe.recipe import channels_last_on
 from ltframe.registry import Registry
 from ltframe_imbssl.prior import require_unlabeled
 
@@ -320,8 +320,7 @@ class CosslLabeler:
             self.views[field] = view
         cuda = self.device.type == "cuda"
         self.autocast = cuda and run.recipe.run.precision == "bf16"
-        self.channels_last = (self.device.type in CHANNELS_LAST_DEVICES
-                              and run.recipe.run.channels_last)
+        self.channels_last = channels_last_on(self.device, run.recipe.run)
         batch = p.batch_size or cfg.batch_size or run.recipe.data.batch_size
         self.batch = min(batch, SMOKE_BATCH) if run.smoke else batch
         reg, c = run.registry, self.num_classes
